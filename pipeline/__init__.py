@@ -1,0 +1,1 @@
+"""hrnet-beam pipelines: options, config, the segmentation job and its command-line tools."""

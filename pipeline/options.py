@@ -1,0 +1,155 @@
+"""The pipeline's flags, and their validation into a frozen JobConfig before launch."""
+from __future__ import annotations
+
+import logging
+import os
+
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.config import ConfigError, JobConfig
+from transforms import labels as labels_lib
+from transforms.config import (OUTPUT_FEATURES, OUTPUT_MASKS, DecodeConfig, InferenceConfig,
+                               ModelConfig, TilingConfig)
+from transforms.model_handler import DEFAULT_CACHE_DIR, ModelLoadError, inspect_model
+from transforms.tiling import ALIGNMENT
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "https://tfhub.dev/google/HRNet/isprs-hrnetv2-w48/1"
+
+
+class HRNetOptions(PipelineOptions):
+  """Flags of the segmentation job (Beam's own flags, e.g. --runner, work as usual)."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument(
+        "--input", action="append", default=None,
+        help="File pattern of input images (PNG, JPEG, TIFF), local or gs://; repeatable. "
+             "Each pattern must match at least one file.")
+    parser.add_argument(
+        "--output", default=None,
+        help="Output prefix: rows go to <output>-SSSSS-of-NNNNN.parquet.")
+    parser.add_argument(
+        "--errors_output", default=None,
+        help="Prefix for the errors (JSON lines); default <output>-errors.")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL,
+        help="TF Hub handle/URL, local SavedModel directory or gs:// directory.")
+    parser.add_argument(
+        "--labels_file", default=None,
+        help="JSON labels file (class names and palette, one entry per model output). "
+             "Default: labels.json in the model directory, else the packaged file for a "
+             "known TF Hub handle, else generic names.")
+    parser.add_argument(
+        "--model_cache_dir", default=DEFAULT_CACHE_DIR,
+        help="Where workers copy a gs:// model before loading it (once per machine).")
+    parser.add_argument(
+        "--outputs", default=f"{OUTPUT_MASKS},{OUTPUT_FEATURES}",
+        help="What to compute: 'masks', 'features' or 'masks,features'.")
+    parser.add_argument(
+        "--tile_size", type=int, default=512,
+        help=f"Tile side in pixels (multiple of {ALIGNMENT}); images are tiled at native "
+             "resolution, never resized.")
+    parser.add_argument(
+        "--tile_overlap", type=int, default=64,
+        help=f"Overlap between neighbouring tiles in pixels (multiple of {ALIGNMENT}); "
+             "each side keeps half.")
+    parser.add_argument(
+        "--batch_size", type=int, default=4,
+        help="Largest number of tiles per model call (RunInference batches up to it).")
+    parser.add_argument(
+        "--max_pixels", type=int, default=100_000_000,
+        help="Images declaring more pixels than this go to the errors output undecoded.")
+    parser.add_argument(
+        "--share_model_across_processes", action="store_true", default=False,
+        help="Load one model per machine, shared by all its worker processes.")
+    parser.add_argument(
+        "--model_copies", type=int, default=None,
+        help="With shared models: how many copies per machine (implies sharing).")
+
+
+def _check_patterns(patterns: list[str]) -> None:
+  try:
+    results = FileSystems.match(patterns, limits=[1] * len(patterns))
+  except Exception as e:  # e.g. a missing bucket, no permission
+    raise ConfigError(f"cannot list --input {patterns}: {e}") from e
+  for pattern, result in zip(patterns, results):
+    if not result.metadata_list:
+      raise ConfigError(f"--input {pattern!r} matches no file: check the path and the "
+                        "pattern (quote it so the shell does not expand it)")
+
+
+def _parse_outputs(text: str) -> tuple:
+  outputs = tuple(dict.fromkeys(o.strip() for o in text.split(",") if o.strip()))
+  allowed = (OUTPUT_MASKS, OUTPUT_FEATURES)
+  if not outputs or any(o not in allowed for o in outputs):
+    raise ConfigError(f"--outputs {text!r}: use one or both of {', '.join(allowed)}, "
+                      "comma-separated")
+  return tuple(o for o in allowed if o in outputs)
+
+
+def _check_tiling(tile_size: int, overlap: int) -> TilingConfig:
+  if tile_size < ALIGNMENT or tile_size % ALIGNMENT:
+    raise ConfigError(f"--tile_size {tile_size}: use a multiple of {ALIGNMENT} (e.g. 512)")
+  if overlap < 0 or overlap % ALIGNMENT or overlap >= tile_size:
+    raise ConfigError(f"--tile_overlap {overlap}: use a multiple of {ALIGNMENT} below "
+                      f"--tile_size {tile_size} (e.g. 64)")
+  return TilingConfig(tile_size, overlap)
+
+
+def _resolve_labels(options, model_dir: str):
+  if options.labels_file:
+    try:
+      return labels_lib.read_labels(options.labels_file)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"--labels_file {options.labels_file}: {e}") from e
+  beside_model = os.path.join(model_dir, labels_lib.MODEL_LABELS_FILE)
+  if os.path.exists(beside_model):
+    return labels_lib.read_labels(beside_model)
+  return labels_lib.labels_for_handle(options.model)
+
+
+def _positive(name: str, value) -> None:
+  if value is not None and value < 1:
+    raise ConfigError(f"--{name} {value}: must be at least 1")
+
+
+def job_config_from_options(options: HRNetOptions) -> JobConfig:
+  """Checks every flag, the inputs and the model; raises ConfigError saying what to fix."""
+  if not options.input:
+    raise ConfigError("--input is required: a file pattern such as 'images/*.png' or "
+                      "'gs://bucket/tiles/*.tif'")
+  if not options.output:
+    raise ConfigError("--output is required: a prefix such as 'out/segmentations' or "
+                      "'gs://bucket/out/segmentations'")
+  for name in ("batch_size", "max_pixels", "model_copies"):
+    _positive(name, getattr(options, name))
+  tiling = _check_tiling(options.tile_size, options.tile_overlap)
+  outputs = _parse_outputs(options.outputs)
+  _check_patterns(list(options.input))
+  try:
+    info = inspect_model(options.model, options.model_cache_dir)
+  except ModelLoadError as e:
+    raise ConfigError(str(e)) from e
+  labels = _resolve_labels(options, info.local_dir) or labels_lib.generic_labels(
+      info.num_classes)
+  if labels.num_classes != info.num_classes:
+    raise ConfigError(f"the labels ({labels.name}) name {labels.num_classes} classes but "
+                      f"model {options.model} outputs {info.num_classes}: pass a matching "
+                      "--labels_file")
+  if info.num_classes > 255:
+    raise ConfigError(f"model outputs {info.num_classes} classes; masks are 8-bit PNGs "
+                      "and hold at most 255")
+  model = ModelConfig(options.model, labels, info.feature_dim, info.has_fused_function,
+                      options.model_cache_dir)
+  inference = InferenceConfig(
+      outputs=outputs, min_batch_size=1, max_batch_size=options.batch_size,
+      share_model_across_processes=options.share_model_across_processes,
+      model_copies=options.model_copies)
+  return JobConfig(
+      input_patterns=tuple(options.input), output=options.output,
+      errors_output=options.errors_output or f"{options.output}-errors",
+      decode=DecodeConfig(options.max_pixels), tiling=tiling, model=model,
+      inference=inference)

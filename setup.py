@@ -1,0 +1,27 @@
+"""Install hrnet-beam: `pip install .` (workers on Dataflow get the code the same way)."""
+import setuptools
+
+# Pinned: these versions were installed together on Python 3.11 and the test suite
+# ran on them. Bump them together, and rerun `make test`.
+REQUIRED = [
+    "apache-beam[gcp]==2.77.0",
+    "tensorflow==2.21.0",
+    "tensorflow-hub==0.16.1",
+    "tf-keras==2.21.0",
+    "numpy==2.4.6",
+    "pyarrow==25.0.1",
+    "gcsfs==2026.10.1",
+    "pillow==12.3.0",
+    "tifffile==2026.3.3",
+]
+
+setuptools.setup(
+    name="hrnet-beam",
+    version="0.1.0",
+    description="Apache Beam pipelines that run HRNetV2 segmentation models over images in bulk",
+    python_requires=">=3.11,<3.12",
+    packages=["pipeline", "transforms"],
+    package_data={"transforms": ["model_labels/*.json"]},
+    install_requires=REQUIRED,
+    extras_require={"test": ["pytest==9.2.0", "hypothesis==6.170.15"]},
+)

@@ -1,0 +1,1 @@
+"""Reusable Beam transforms for HRNet segmentation: read, tile, segment, stitch, write."""

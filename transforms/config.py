@@ -1,0 +1,51 @@
+"""Frozen configuration passed to the transforms; built once from the options, before launch."""
+from __future__ import annotations
+
+import dataclasses
+
+from transforms.labels import LabelSet
+
+OUTPUT_MASKS = "masks"
+OUTPUT_FEATURES = "features"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  max_pixels: int = 200_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class TilingConfig:
+  tile_size: int = 512
+  tile_overlap: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Which model, where it is staged on workers, and what it was found to be at launch."""
+  handle: str
+  labels: LabelSet
+  feature_dim: int
+  has_fused_function: bool
+  cache_dir: str
+
+  @property
+  def num_classes(self) -> int:
+    return self.labels.num_classes
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+  outputs: tuple = (OUTPUT_MASKS, OUTPUT_FEATURES)
+  min_batch_size: int = 1
+  max_batch_size: int = 4
+  share_model_across_processes: bool = False
+  model_copies: int | None = None
+
+  @property
+  def want_masks(self) -> bool:
+    return OUTPUT_MASKS in self.outputs
+
+  @property
+  def want_features(self) -> bool:
+    return OUTPUT_FEATURES in self.outputs

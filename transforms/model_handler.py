@@ -1,0 +1,290 @@
+"""Loading HRNet SavedModels (TF Hub handle, local or gs:// directory) and RunInference on tiles.
+
+Beam's stock TFModelHandlerTensor cannot serve these models: Keras 3's load_model
+rejects them (apache/beam#30616) and it calls `model(batch)`, which they do not define.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import ModelHandler
+
+from transforms.config import InferenceConfig, ModelConfig
+from transforms.tiling import feature_stride, own_box_in_tile, pooled_feature_sum, to_unit_float
+from transforms.types import Tile, TileResult
+
+logger = logging.getLogger(__name__)
+
+METRICS_NAMESPACE = "hrnet_beam"
+FUSED_FUNCTION = "predict_with_features"  # the stand-ins' one-pass function; hub models lack it
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hrnet_beam", "models")
+
+STAGING_HELP = (
+    "To run without reaching tfhub.dev, stage the model once and point --model at the copy: "
+    "download https://tfhub.dev/google/HRNet/<name>-hrnetv2-w48/1?tf-hub-format=compressed, "
+    "extract the .tar.gz into a directory (it holds saved_model.pb and variables/), then "
+    "pass that directory, or copy it to gs://BUCKET/models/NAME and pass that.")
+
+
+class ModelLoadError(RuntimeError):
+  """The model could not be loaded or is not an HRNet SavedModel; the message says why."""
+
+
+def is_hub_handle(handle: str) -> bool:
+  return handle.startswith(("http://", "https://"))
+
+
+def _is_remote(handle: str) -> bool:
+  return "://" in handle and not handle.startswith("file://")
+
+
+def _copy_remote_model(uri: str, cache_dir: str) -> str:
+  """Copies a SavedModel directory from gs:// (any Beam filesystem) to local disk.
+
+  Once per machine: processes on the same machine wait on a file lock, and a finished
+  copy is marked complete, so a thousand workers read the bucket once each, not per process.
+  """
+  prefix = uri.rstrip("/") + "/"
+  dest = os.path.join(cache_dir, hashlib.sha1(prefix.encode()).hexdigest()[:20])
+  marker = os.path.join(dest, ".hrnet_beam_complete")
+  if os.path.exists(marker):
+    return dest
+  os.makedirs(cache_dir, exist_ok=True)
+  with open(dest + ".lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if os.path.exists(marker):
+      return dest
+    files = FileSystems.match([prefix + "**"])[0].metadata_list
+    if not files:
+      raise ModelLoadError(f"no files under {prefix}")
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for meta in files:
+      relative = meta.path[len(prefix):]
+      target = os.path.join(tmp, relative)
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      with FileSystems.open(meta.path) as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst, 8 << 20)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.rename(tmp, dest)
+    with open(marker, "w", encoding="utf-8") as f:
+      f.write(uri)
+  logger.info("Copied model %s to %s", uri, dest)
+  return dest
+
+
+def resolve_model_dir(handle: str, cache_dir: str = DEFAULT_CACHE_DIR) -> str:
+  """A local SavedModel directory for a TF Hub handle, a gs:// directory or a local one."""
+  if is_hub_handle(handle):
+    import tensorflow_hub as hub  # pylint: disable=import-outside-toplevel
+    return hub.resolve(handle)
+  if handle.startswith("file://"):
+    handle = handle[len("file://"):]
+  if _is_remote(handle):
+    return _copy_remote_model(handle, cache_dir)
+  if not os.path.isdir(handle):
+    raise ModelLoadError(f"{handle} is not a directory")
+  if not os.path.exists(os.path.join(handle, "saved_model.pb")):
+    raise ModelLoadError(f"{handle} has no saved_model.pb: not a SavedModel directory")
+  return handle
+
+
+class LoadedHRNet:
+  """A loaded HRNet SavedModel with one call that returns what was asked for.
+
+  Masks come back as uint8 class ids (argmax inside TensorFlow: 1 byte per pixel
+  leaves the graph instead of 4 per class). With a fused function the backbone runs
+  once for masks and features; otherwise `predict` and `get_features` run separately.
+  """
+
+  def __init__(self, module: Any, handle: str, local_dir: str):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    self.handle = handle
+    self.local_dir = local_dir
+    self._id = uuid.uuid4().hex[:12]
+    missing = [n for n in ("predict", "get_features") if not hasattr(module, n)]
+    if missing:
+      raise ModelLoadError(f"{handle} has no {' or '.join(missing)} function: not an HRNet "
+                           "segmentation SavedModel")
+    self._module = module
+    spec = [tf.TensorSpec([None, None, None, 3], tf.float32)]
+
+    def class_ids(scores):
+      return tf.cast(tf.argmax(scores, axis=-1), tf.uint8)
+
+    fused = getattr(module, FUSED_FUNCTION, None)
+    self.has_fused_function = fused is not None
+    if fused is not None:
+      def both(images):
+        out = fused(images)
+        return class_ids(out["predictions"]), out["features"]
+    else:
+      def both(images):
+        return class_ids(module.predict(images)), module.get_features(images)
+    self._both = tf.function(both, input_signature=spec)
+    self._masks = tf.function(lambda images: class_ids(module.predict(images)),
+                              input_signature=spec)
+    self._features = tf.function(module.get_features, input_signature=spec)
+
+  def load_id(self) -> str:
+    """Unique per load: a metric of distinct ids counts the model copies that served."""
+    return self._id
+
+  def infer(self, images: np.ndarray, want_masks: bool, want_features: bool
+            ) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """images (B, H, W, 3) float32 in [0, 1] -> (class ids (B,H,W) uint8, features)."""
+    if images.dtype != np.float32:
+      # A float32 signature casts uint8 without scaling: never let that happen silently.
+      raise TypeError(f"images must be float32 in [0, 1], got {images.dtype}")
+    if want_masks and want_features:
+      ids, features = self._both(images)
+      return ids.numpy(), features.numpy()
+    if want_masks:
+      return self._masks(images).numpy(), None
+    return None, self._features(images).numpy()
+
+  def probe(self, size: int = 64) -> tuple[int, int, int]:
+    """(num_classes, feature_dim, feature cells) from one small all-zero image."""
+    images = np.zeros((1, size, size, 3), np.float32)
+    scores = self._module.predict(images)
+    features = self._module.get_features(images)
+    if scores.shape[1:3] != (size, size):
+      raise ModelLoadError(f"{self.handle}: predict returned {tuple(scores.shape)} for a "
+                           f"{size}x{size} image; expected (1, {size}, {size}, classes)")
+    return int(scores.shape[-1]), int(features.shape[-1]), int(features.shape[1])
+
+
+def load_hrnet(handle: str, cache_dir: str = DEFAULT_CACHE_DIR) -> LoadedHRNet:
+  """Loads the model or raises ModelLoadError naming it, the cause and how to stage it."""
+  try:
+    local_dir = resolve_model_dir(handle, cache_dir)
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    started = time.monotonic()
+    module = tf.saved_model.load(local_dir)
+    model = LoadedHRNet(module, handle, local_dir)
+  except ModelLoadError as e:
+    raise ModelLoadError(f"Cannot load model {handle!r}: {e}. {STAGING_HELP}") from e
+  except Exception as e:  # network, tarball and SavedModel errors come in many types
+    raise ModelLoadError(
+        f"Cannot load model {handle!r}: {type(e).__name__}: {e}. {STAGING_HELP}") from e
+  logger.info("Loaded model %s from %s in %.1f s (fused function: %s)", handle, local_dir,
+              time.monotonic() - started, model.has_fused_function)
+  return model
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  num_classes: int
+  feature_dim: int
+  has_fused_function: bool
+  local_dir: str
+
+
+def inspect_model(handle: str, cache_dir: str = DEFAULT_CACHE_DIR) -> ModelInfo:
+  """Loads the model once, before launch, and reports what the pipeline needs to know."""
+  model = load_hrnet(handle, cache_dir)
+  num_classes, feature_dim, cells = model.probe()
+  if cells * 4 != 64:
+    raise ModelLoadError(f"{handle}: get_features returned {cells} cells for 64 pixels; "
+                         "HRNet features are at 1/4 resolution")
+  return ModelInfo(num_classes, feature_dim, model.has_fused_function, model.local_dir)
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+  name = type(error).__name__
+  return name == "ResourceExhaustedError" or "out of memory" in str(error).lower()
+
+
+class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
+  """RunInference handler: batches of Tiles in, one TileResult per tile out.
+
+  Feature maps never leave this step: each tile's features are pooled over its owned
+  box here (a 512x512 tile's map is 47 MB at W48). A batch that fails is split and
+  retried, so only tiles that fail on their own are reported as failed; after an
+  out-of-memory error the handler keeps batches under the size that failed.
+  """
+
+  def __init__(self, model: ModelConfig, inference: InferenceConfig, tile_size: int):
+    share = inference.share_model_across_processes or inference.model_copies is not None
+    super().__init__(min_batch_size=inference.min_batch_size,
+                     max_batch_size=inference.max_batch_size,
+                     large_model=share,
+                     model_copies=inference.model_copies if share else None)
+    self._model_config = model
+    self._inference = inference
+    self._tile_size = tile_size
+    self._batch_cap = inference.max_batch_size
+    self._metrics = None
+
+  def load_model(self) -> LoadedHRNet:
+    return load_hrnet(self._model_config.handle, self._model_config.cache_dir)
+
+  def get_metrics_namespace(self) -> str:
+    return METRICS_NAMESPACE
+
+  def get_num_bytes(self, batch: Sequence[Tile]) -> int:
+    return sum(tile.pixels.nbytes for tile in batch)
+
+  def _counters(self):
+    if self._metrics is None:
+      self._metrics = (beam.metrics.Metrics.counter(METRICS_NAMESPACE, "tiles_failed"),
+                       beam.metrics.Metrics.string_set(METRICS_NAMESPACE, "model_load_ids"))
+    return self._metrics
+
+  def run_inference(self, batch: Sequence[Tile], model: LoadedHRNet,
+                    inference_args: Optional[dict[str, Any]] = None) -> Iterable[TileResult]:
+    tiles_failed, load_ids = self._counters()
+    load_ids.add(model.load_id())
+    results = []
+    start = 0
+    while start < len(batch):
+      chunk = batch[start:start + self._batch_cap]
+      start += len(chunk)
+      results.extend(self._infer_or_split(list(chunk), model))
+    tiles_failed.inc(sum(1 for r in results if r.error is not None))
+    return results
+
+  def _infer_or_split(self, tiles: list, model: LoadedHRNet) -> list:
+    try:
+      return self._infer(tiles, model)
+    except Exception as e:  # pylint: disable=broad-except
+      if _is_out_of_memory(e) and len(tiles) > 1:
+        self._batch_cap = max(1, min(self._batch_cap, len(tiles) // 2))
+        logger.warning("Out of memory on a batch of %d tiles; batches stay at or below %d "
+                       "from now on", len(tiles), self._batch_cap)
+      if len(tiles) == 1:
+        reason = f"{type(e).__name__}: {e}".strip()
+        logger.warning("Inference failed for %s tile %d: %s", tiles[0].image.source,
+                       tiles[0].spec.index, reason)
+        return [TileResult(tiles[0].image, tiles[0].spec, error=reason[:2000])]
+      middle = len(tiles) // 2
+      return (self._infer_or_split(tiles[:middle], model) +
+              self._infer_or_split(tiles[middle:], model))
+
+  def _infer(self, tiles: list, model: LoadedHRNet) -> list:
+    images = np.stack([to_unit_float(tile.pixels) for tile in tiles])
+    class_ids, features = model.infer(images, self._inference.want_masks,
+                                      self._inference.want_features)
+    stride = feature_stride(self._tile_size, features.shape[1]) if features is not None else 0
+    results = []
+    for i, tile in enumerate(tiles):
+      box = own_box_in_tile(tile.spec)
+      y0, y1, x0, x1 = box
+      results.append(TileResult(
+          tile.image, tile.spec,
+          class_ids=None if class_ids is None else np.ascontiguousarray(
+              class_ids[i, y0:y1, x0:x1]),
+          feature_sum=None if features is None else pooled_feature_sum(
+              features[i], box, stride)))
+    return results

@@ -1,0 +1,81 @@
+"""Reading images from file patterns (local or gs://) into decoded ImageRecords."""
+from __future__ import annotations
+
+import logging
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import FileMetadata
+
+from transforms.config import DecodeConfig
+from transforms.decode import DecodeError, decode_image
+from transforms.model_handler import METRICS_NAMESPACE
+from transforms.types import ErrorRecord, ImageRecord
+
+__all__ = ["ReadImages"]
+
+logger = logging.getLogger(__name__)
+
+ERRORS = "errors"
+
+
+class _DecodeFn(beam.DoFn):
+  """ReadableFile -> ImageRecord, or an ErrorRecord (stage read/decode) on the errors output."""
+
+  def __init__(self, config: DecodeConfig):
+    self._config = config
+    self._inputs = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "inputs")
+    self._errors = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "decode_errors")
+
+  def _error(self, path: str, stage: str, reason: str):
+    self._errors.inc()
+    logger.warning("Skipping %s (%s): %s", path, stage, reason)
+    return beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(path, path, stage, reason))
+
+  def process(self, readable_file):
+    path = readable_file.metadata.path
+    self._inputs.inc()
+    try:
+      data = readable_file.read()
+    except Exception as e:  # pylint: disable=broad-except
+      yield self._error(path, "read", f"{type(e).__name__}: {e}")
+      return
+    try:
+      pixels = decode_image(data, self._config.max_pixels)
+    except DecodeError as e:
+      yield self._error(path, "decode", str(e))
+      return
+    except MemoryError:
+      yield self._error(path, "decode", "out of memory while decoding")
+      return
+    yield ImageRecord(path, path, pixels)
+
+
+class ReadImages(beam.PTransform):
+  """PBegin -> (PCollection[ImageRecord], PCollection[ErrorRecord]).
+
+  Matches the patterns, drops files matched twice, spreads files over workers,
+  then reads and decodes each one. Usage:
+      images, errors = p | ReadImages(["gs://bucket/tiles/*.png"], DecodeConfig())
+  """
+
+  def __init__(self, patterns: list[str], config: DecodeConfig):
+    super().__init__()
+    self._patterns = list(patterns)
+    self._config = config
+
+  def expand(self, pbegin):
+    paths = (
+        pbegin
+        | "Patterns" >> beam.Create(self._patterns)
+        | "MatchInputs" >> fileio.MatchAll()
+        | "Paths" >> beam.Map(lambda meta: meta.path)
+        # Distinct groups by path: a file matched by two patterns is read once, and the
+        # shuffle behind it spreads the files over workers before the expensive steps.
+        | "OncePerFile" >> beam.Distinct()
+        | "AsMetadata" >> beam.Map(lambda path: FileMetadata(path, 0)))
+    decoded = (
+        paths
+        | "ReadMatches" >> fileio.ReadMatches()
+        | "Decode" >> beam.ParDo(_DecodeFn(self._config)).with_outputs(ERRORS, main="images"))
+    return decoded.images, decoded[ERRORS]

@@ -1,0 +1,80 @@
+"""The typed elements that cross transform boundaries, defined once."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+  """A decoded image: RGB pixels as uint8 or uint16 (H, W, 3), scaled to [0, 1] later."""
+  image_id: str
+  source: str
+  pixels: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+  """What every tile of an image carries so results can be stitched without a lookup."""
+  image_id: str
+  source: str
+  height: int
+  width: int
+  num_tiles: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TileSpec:
+  """A tile's place: its origin in the image and the box it owns in image coordinates.
+
+  Owned boxes of an image's tiles partition the image, so every pixel is counted once.
+  """
+  index: int
+  y: int
+  x: int
+  own_y0: int
+  own_y1: int
+  own_x0: int
+  own_x1: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+  """A fixed-size tile (tile_size, tile_size, 3), padded past the image's bottom/right."""
+  image: ImageInfo
+  spec: TileSpec
+  pixels: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class TileResult:
+  """The model's answer for a tile's owned box; `error` set when inference failed."""
+  image: ImageInfo
+  spec: TileSpec
+  class_ids: Optional[np.ndarray] = None      # (own_h, own_w) uint8
+  feature_sum: Optional[np.ndarray] = None    # (feature_dim,) float64, summed over own pixels
+  error: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmentation:
+  """One output row: the stitched mask (PNG) and pooled features of one image."""
+  image_id: str
+  source: str
+  height: int
+  width: int
+  mask_png: Optional[bytes]
+  class_counts: Optional[list]
+  pooled_features: Optional[list]
+  model: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorRecord:
+  """An input that produced no row, with the stage that failed and why."""
+  image_id: str
+  source: str
+  stage: str
+  reason: str
