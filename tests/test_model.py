@@ -1,0 +1,134 @@
+"""The stand-in HRNetV2 and its SavedModel interface, and loading through the handler's code."""
+import hashlib
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline import hrnet
+from transforms.model_handler import LoadedHRNet, ModelLoadError, inspect_model, load_hrnet
+
+from conftest import NUM_CLASSES, TINY_WIDTH
+
+
+def test_w48_matches_the_published_size():
+  model = hrnet.build_hrnet(hrnet.HRNetSpec(width=48, num_classes=7))
+  params = model.count_params()
+  assert abs(params - 65.9e6) / 65.9e6 < 0.02, params
+  assert model.outputs[1].shape[-1] == 720
+
+
+def test_exported_interface_on_sizes_not_divisible_by_32(tiny_model):
+  module = tf.saved_model.load(tiny_model)
+  images = tf.random.uniform((2, 100, 150, 3), seed=1)
+  predictions = module.predict(images)
+  features = module.get_features(images)
+  fused = module.predict_with_features(images)
+  assert predictions.shape == (2, 100, 150, NUM_CLASSES)
+  assert features.shape == (2, 25, 38, 15 * TINY_WIDTH)
+  np.testing.assert_allclose(fused["predictions"], predictions, atol=1e-5)
+  np.testing.assert_allclose(fused["features"], features, atol=1e-5)
+
+
+def test_recalibrated_stand_in_is_not_degenerate(tiny_model):
+  module = tf.saved_model.load(tiny_model)
+  images = hrnet.calibration_images(seed=7, size=128, count=1)
+  classes = np.unique(np.argmax(module.predict(images).numpy(), axis=-1))
+  assert len(classes) >= 3, classes
+
+
+def test_unfused_export_looks_like_the_hub_models(tiny_model_unfused):
+  module = tf.saved_model.load(tiny_model_unfused)
+  assert hasattr(module, "predict") and hasattr(module, "get_features")
+  assert not hasattr(module, hrnet.FUSED_FUNCTION)
+
+
+class CountingModule:
+  """A loaded SavedModel whose function calls are counted (the model itself is real)."""
+
+  def __init__(self, module, names):
+    self._module = module  # the restored variables live as long as the module object
+    self.calls = {name: 0 for name in names}
+    for name in names:
+      setattr(self, name, self._counted(name, getattr(module, name)))
+
+  def _counted(self, name, function):
+    def call(images):
+      self.calls[name] += 1
+      return function(images)
+    return call
+
+
+@pytest.mark.parametrize("masks,features,expected", [
+    (True, True, {"predict": 1, "get_features": 1}),
+    (True, False, {"predict": 1, "get_features": 0}),
+    (False, True, {"predict": 0, "get_features": 1}),
+])
+def test_unfused_model_runs_only_the_functions_asked_for(tiny_model_unfused, masks, features,
+                                                         expected):
+  module = CountingModule(tf.saved_model.load(tiny_model_unfused), ["predict", "get_features"])
+  loaded = LoadedHRNet(module, "tiny", tiny_model_unfused)
+  ids, feats = loaded.infer(np.zeros((1, 64, 64, 3), np.float32), masks, features)
+  assert module.calls == expected
+  assert (ids is not None) == masks and (feats is not None) == features
+
+
+def test_fused_model_runs_the_backbone_once_for_both_outputs(tiny_model):
+  names = ["predict", "get_features", hrnet.FUSED_FUNCTION]
+  module = CountingModule(tf.saved_model.load(tiny_model), names)
+  loaded = LoadedHRNet(module, "tiny", tiny_model)
+  images = np.random.default_rng(0).random((2, 64, 96, 3)).astype(np.float32)
+  ids, features = loaded.infer(images, True, True)
+  assert module.calls == {"predict": 0, "get_features": 0, hrnet.FUSED_FUNCTION: 1}
+  assert ids.shape == (2, 64, 96) and ids.dtype == np.uint8
+  assert features.shape == (2, 16, 24, 15 * TINY_WIDTH)
+  reference = tf.saved_model.load(tiny_model)
+  expected = np.argmax(reference.predict(images).numpy(), axis=-1)
+  np.testing.assert_array_equal(ids, expected)
+
+
+def test_uint8_images_are_refused_not_silently_cast(tiny_model):
+  loaded = load_hrnet(tiny_model)
+  with pytest.raises(TypeError, match="float32"):
+    loaded.infer(np.zeros((1, 32, 32, 3), np.uint8), True, True)
+
+
+def test_inspect_model_reports_classes_features_and_fused(tiny_model, tiny_model_unfused):
+  info = inspect_model(tiny_model)
+  assert (info.num_classes, info.feature_dim, info.has_fused_function) == (
+      NUM_CLASSES, 15 * TINY_WIDTH, True)
+  assert inspect_model(tiny_model_unfused).has_fused_function is False
+
+
+def test_tf_hub_handle_loads_from_the_hub_cache_without_network(tiny_model, tmp_path,
+                                                                 monkeypatch):
+  handle = "https://tfhub.dev/google/HRNet/isprs-hrnetv2-w48/1"
+  cache = tmp_path / "tfhub"
+  # tensorflow_hub keeps a downloaded model under sha1(handle): pre-stage it there.
+  shutil.copytree(tiny_model, cache / hashlib.sha1(handle.encode()).hexdigest())
+  monkeypatch.setenv("TFHUB_CACHE_DIR", str(cache))
+  loaded = load_hrnet(handle)
+  assert loaded.handle == handle and loaded.local_dir.startswith(str(cache))
+  assert loaded.probe()[:2] == (NUM_CLASSES, 15 * TINY_WIDTH)
+
+
+@pytest.mark.parametrize("make,cause", [
+    (lambda d: str(d / "nope"), "is not a directory"),
+    (lambda d: str(d), "no saved_model.pb"),
+])
+def test_unloadable_model_fails_with_handle_cause_and_staging_help(tmp_path, make, cause):
+  handle = make(tmp_path)
+  with pytest.raises(ModelLoadError) as raised:
+    load_hrnet(handle)
+  message = str(raised.value)
+  assert handle in message and cause in message and "gs://BUCKET/models" in message
+
+
+def test_savedmodel_without_hrnet_functions_is_refused(tmp_path):
+  module = tf.Module()
+  module.scale = tf.function(lambda x: x * 2,
+                             input_signature=[tf.TensorSpec([None], tf.float32)])
+  tf.saved_model.save(module, str(tmp_path / "other"))
+  with pytest.raises(ModelLoadError, match="no predict or get_features"):
+    load_hrnet(str(tmp_path / "other"))

@@ -1,0 +1,124 @@
+"""Pure tiling, stitching and pooling arithmetic, without Beam or TensorFlow."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transforms import tiling
+
+sizes = st.integers(min_value=1, max_value=1400)
+tile_settings = st.sampled_from([(64, 0), (64, 32), (128, 32), (128, 64), (256, 64),
+                                 (512, 64)])
+
+
+@settings(max_examples=150, deadline=None)
+@given(height=sizes, width=sizes, setting=tile_settings)
+def test_owned_boxes_partition_the_image_and_lie_inside_their_tiles(height, width, setting):
+  tile_size, overlap = setting
+  specs = tiling.tile_grid(height, width, tile_size, overlap)
+  cover = np.zeros((height, width), np.int32)
+  for spec in specs:
+    assert spec.y % (tile_size - overlap) == 0 and spec.x % (tile_size - overlap) == 0
+    assert spec.y <= spec.own_y0 < spec.own_y1 <= spec.y + tile_size
+    assert spec.x <= spec.own_x0 < spec.own_x1 <= spec.x + tile_size
+    cover[spec.own_y0:spec.own_y1, spec.own_x0:spec.own_x1] += 1
+  assert (cover == 1).all()
+  assert [s.index for s in specs] == list(range(len(specs)))
+
+
+def test_interior_boundaries_keep_half_the_overlap_from_each_side():
+  specs = tiling.tile_grid(900, 300, 512, 64)
+  assert [(s.y, s.own_y0, s.own_y1) for s in specs] == [(0, 0, 480), (448, 480, 900)]
+  # 1000 px: a second tile ends at 960, so a third (padded) one is needed.
+  assert [s.y for s in tiling.tile_grid(1000, 300, 512, 64)] == [0, 448, 896]
+  assert (specs[0].own_x0, specs[0].own_x1) == (0, 300)
+
+
+def test_small_image_is_one_padded_tile():
+  specs = tiling.tile_grid(3, 5000, 512, 64)
+  assert {s.y for s in specs} == {0} and len(specs) == 12
+  image = np.arange(3 * 5000 * 3, dtype=np.uint16).reshape(3, 5000, 3)
+  tile = tiling.cut_tile(image, specs[0], 512)
+  assert tile.shape == (512, 512, 3) and tile.dtype == np.uint16
+  np.testing.assert_array_equal(tile[:3, :512], image[:, :512])
+  np.testing.assert_array_equal(tile[3], image[2, :512])  # mirrored, not zeros
+
+
+def test_one_pixel_image_pads_by_repetition():
+  tile = tiling.cut_tile(np.full((1, 1, 3), 7, np.uint8), tiling.tile_grid(1, 1, 64, 0)[0], 64)
+  assert tile.shape == (64, 64, 3) and (tile == 7).all()
+
+
+@pytest.mark.parametrize("bad", [(0, 10, 64, 0), (10, 10, 64, 64), (10, 10, 64, -32)])
+def test_tile_grid_rejects_impossible_settings(bad):
+  with pytest.raises(ValueError):
+    tiling.tile_grid(*bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(height=st.integers(1, 700), width=st.integers(1, 700), setting=tile_settings,
+       seed=st.integers(0, 2**16))
+def test_stitching_owned_blocks_reproduces_the_mask(height, width, setting, seed):
+  tile_size, overlap = setting
+  mask = np.random.default_rng(seed).integers(0, 7, (height, width)).astype(np.uint8)
+  blocks = [(s, mask[s.own_y0:s.own_y1, s.own_x0:s.own_x1])
+            for s in tiling.tile_grid(height, width, tile_size, overlap)]
+  np.testing.assert_array_equal(tiling.stitch_mask(height, width, blocks), mask)
+
+
+def test_stitching_refuses_missing_or_misshapen_blocks():
+  specs = tiling.tile_grid(200, 200, 128, 32)
+  blocks = [(s, np.zeros((s.own_y1 - s.own_y0, s.own_x1 - s.own_x0), np.uint8)) for s in specs]
+  with pytest.raises(ValueError, match="cover"):
+    tiling.stitch_mask(200, 200, blocks[1:])
+  with pytest.raises(ValueError, match="owned box"):
+    tiling.stitch_mask(200, 200, [(specs[0], np.zeros((3, 3), np.uint8))] + blocks[1:])
+
+
+def test_cell_weights_count_pixels_per_cell():
+  np.testing.assert_array_equal(tiling.cell_weights(0, 10, 4, 4), [4, 4, 2, 0])
+  np.testing.assert_array_equal(tiling.cell_weights(6, 13, 4, 4), [0, 2, 4, 1])
+
+
+@settings(max_examples=80, deadline=None)
+@given(box=st.tuples(st.integers(0, 63), st.integers(1, 64), st.integers(0, 63),
+                     st.integers(1, 64)), seed=st.integers(0, 2**16))
+def test_pooled_sum_equals_sum_over_pixels_of_their_cell_feature(box, seed):
+  y0, dy, x0, dx = box
+  y1, x1 = min(64, y0 + dy), min(64, x0 + dx)
+  features = np.random.default_rng(seed).normal(size=(16, 16, 5)).astype(np.float32)
+  per_pixel = np.repeat(np.repeat(features, 4, 0), 4, 1)  # each pixel's cell feature
+  expected = per_pixel[y0:y1, x0:x1].astype(np.float64).sum(axis=(0, 1))
+  np.testing.assert_allclose(tiling.pooled_feature_sum(features, (y0, y1, x0, x1), 4),
+                             expected, rtol=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(height=st.integers(1, 400), width=st.integers(1, 400), setting=tile_settings)
+def test_pooling_over_tiles_counts_each_pixel_once(height, width, setting):
+  tile_size, overlap = setting
+  rng = np.random.default_rng(height * 1000 + width)
+  padded = (max(height, width) // tile_size + 2) * tile_size  # past the last tile
+  image_features = rng.normal(size=(padded // 4, padded // 4, 3))
+  per_pixel = np.repeat(np.repeat(image_features, 4, 0), 4, 1)[:height, :width]
+  total = np.zeros(3)
+  for spec in tiling.tile_grid(height, width, tile_size, overlap):
+    # The tile's features are the image's, cut at the tile's (4-aligned) origin.
+    tile_features = image_features[spec.y // 4:(spec.y + tile_size) // 4,
+                                   spec.x // 4:(spec.x + tile_size) // 4]
+    total += tiling.pooled_feature_sum(tile_features, tiling.own_box_in_tile(spec), 4)
+  np.testing.assert_allclose(total / (height * width), per_pixel.mean(axis=(0, 1)), rtol=1e-9)
+
+
+def test_feature_stride():
+  assert tiling.feature_stride(512, 128) == 4
+  with pytest.raises(ValueError):
+    tiling.feature_stride(512, 100)
+
+
+def test_to_unit_float_scales_by_dtype_range():
+  np.testing.assert_array_equal(tiling.to_unit_float(np.array([0, 255], np.uint8)), [0, 1])
+  np.testing.assert_allclose(tiling.to_unit_float(np.array([0, 65535, 32768], np.uint16)),
+                             [0, 1, 32768 / 65535])
+  with pytest.raises(TypeError):
+    tiling.to_unit_float(np.array([0.5], np.float32))
