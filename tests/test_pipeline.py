@@ -245,3 +245,20 @@ def test_command_line_exits_2_with_the_message(tmp_path):
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert result.returncode == 2
   assert "matches no file" in result.stderr and "none*.png" in result.stderr
+
+
+@pytest.mark.parametrize("share,loads", [(False, 2), (True, 1)])
+def test_model_loads_once_per_process_or_once_per_machine_when_shared(
+    tiny_model, tmp_path, share, loads):
+  for i in range(6):
+    save_image(tmp_path / f"{i}.png", textured_image(200, 300, i))
+  flags = ["--share_model_across_processes"] if share else []
+  summary = run_job("--input", tmp_path / "*.png", "--output", tmp_path / "out" / "rows",
+                    "--model", tiny_model, "--direct_num_workers", 2,
+                    "--direct_running_mode", "multi_processing", *flags)
+  assert (summary.rows, summary.errors) == (6, 0)
+  # Beam records one load-latency sample per real load: once per worker process, or
+  # once for the machine when shared; never per bundle or per DoFn instance.
+  assert summary.metrics["load_model_latency_milli_secs.count"] == loads
+  if share:
+    assert len(summary.metrics["model_load_ids"]) == 1
