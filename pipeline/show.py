@@ -27,6 +27,9 @@ def main(argv=None) -> int:
   print(f"Parquet output: {', '.join(files)}")
   print(f"model: {metadata.get(b'hrnet_beam.model', b'?').decode()}  "
         f"feature_dim: {metadata.get(b'hrnet_beam.feature_dim', b'?').decode()}")
+  note = metadata.get(b"hrnet_beam.labels_note", b"").decode()
+  if note:
+    print(f"labels: {note}")
   for file in files:
     for row in pq.read_table(file).to_pylist():
       line = f"  {row['image_id']}: {row['width']}x{row['height']}"
