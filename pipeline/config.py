@@ -13,9 +13,12 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class JobConfig:
   input_patterns: tuple
-  output: str
-  errors_output: str
+  output: str                   # file prefix of this run's Parquet files
+  errors_output: str            # file prefix of this run's error records
   decode: DecodeConfig
   tiling: TilingConfig
   model: ModelConfig
   inference: InferenceConfig
+  run_id: str = ""
+  existing_rows: str | None = None   # pattern of earlier runs' Parquet files to skip
+  max_error_fraction: float | None = None

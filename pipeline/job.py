@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 def build_pipeline(p: beam.Pipeline, cfg: JobConfig) -> None:
   """Files -> decoded images -> tiles -> RunInference -> stitched rows -> Parquet; errors aside."""
-  images, read_errors = p | "ReadImages" >> ReadImages(list(cfg.input_patterns), cfg.decode)
+  images, read_errors = p | "ReadImages" >> ReadImages(list(cfg.input_patterns), cfg.decode,
+                                                       cfg.existing_rows)
   rows, segment_errors = images | "SegmentImages" >> SegmentImages(
       cfg.tiling, cfg.model, cfg.inference)
   _ = rows | "WriteSegmentations" >> WriteSegmentations(
@@ -31,18 +32,26 @@ def build_pipeline(p: beam.Pipeline, cfg: JobConfig) -> None:
        | "WriteErrors" >> WriteErrors(cfg.errors_output))
 
 
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_ERROR_BUDGET = 0, 1, 2, 3
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSummary:
   inputs: int
   rows: int
   errors: int
-  state: str
+  skipped: int
+  state: str            # "done" or "failed"
+  failure: str          # why it failed; "" when done
+  exit_status: int
   metrics: dict
 
   def line(self, cfg: JobConfig) -> str:
-    return (f"hrnet-beam {self.state}: {self.inputs} inputs, {self.rows} rows, "
-            f"{self.errors} errors. Rows: {cfg.output}-*.parquet  Errors: "
+    skipped = f", {self.skipped} skipped (rows exist)" if self.skipped else ""
+    text = (f"hrnet-beam {self.state}: {self.inputs} inputs, {self.rows} rows, "
+            f"{self.errors} errors{skipped}. Rows: {cfg.output}-*.parquet  Errors: "
             f"{cfg.errors_output}-*.jsonl")
+    return f"{text}  FAILED: {self.failure}" if self.failure else text
 
 
 def _counter_values(result) -> dict:
@@ -101,17 +110,35 @@ def run(argv=None, test_pipeline=None) -> RunSummary:
   else:
     p = beam.Pipeline(options=options)
   build_pipeline(p, cfg)
-  result = p.run()
-  state = result.wait_until_finish()
-  values = _counter_values(result)
+  logger.info("Run %s: rows to %s-*.parquet, errors to %s-*.jsonl", cfg.run_id, cfg.output,
+              cfg.errors_output)
+  failure, exit_status, values = "", EXIT_OK, {}
+  try:
+    result = p.run()
+    result.wait_until_finish()
+    values = _counter_values(result)
+  except Exception as e:  # pylint: disable=broad-except
+    if "ErrorBudgetExceeded" not in f"{type(e).__name__} {e}":
+      raise
+    # A worker stopped the job: the sinks never finalized, so no rows are visible.
+    failure = next((line.strip() for line in str(e).splitlines() if "max_error_fraction" in line),
+                   "error budget exceeded")
+    exit_status = EXIT_ERROR_BUDGET
+  inputs = values.get("inputs", 0)
+  errors = values.get("decode_errors", 0) + values.get("inference_errors", 0)
+  if (not failure and cfg.max_error_fraction is not None and inputs and
+      errors > cfg.max_error_fraction * inputs):
+    failure = (f"{errors} of {inputs} inputs failed ({errors / inputs:.1%}), above "
+               f"--max_error_fraction={cfg.max_error_fraction}")
+    exit_status = EXIT_ERROR_BUDGET
   summary = RunSummary(
-      inputs=values.get("inputs", 0), rows=values.get("rows", 0),
-      errors=values.get("decode_errors", 0) + values.get("inference_errors", 0),
-      state=str(state).lower(), metrics=values)
-  logger.info("%s", summary.line(cfg))
-  if summary.inputs != summary.rows + summary.errors:
+      inputs=inputs, rows=values.get("rows", 0), errors=errors,
+      skipped=values.get("skipped_existing", 0), state="failed" if failure else "done",
+      failure=failure, exit_status=exit_status, metrics=values)
+  if not failure and summary.inputs != summary.rows + summary.errors:
     logger.error("Accounting mismatch: %d inputs but %d rows + %d errors", summary.inputs,
                  summary.rows, summary.errors)
+  (logger.error if failure else logger.info)("%s", summary.line(cfg))
   print(summary.line(cfg), flush=True)
   return summary
 
@@ -119,8 +146,7 @@ def run(argv=None, test_pipeline=None) -> RunSummary:
 def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   try:
-    run(argv)
+    return run(argv).exit_status
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+    return EXIT_CONFIG

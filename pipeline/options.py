@@ -1,8 +1,11 @@
 """The pipeline's flags, and their validation into a frozen JobConfig before launch."""
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import re
+import uuid
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -30,10 +33,24 @@ class HRNetOptions(PipelineOptions):
              "Each pattern must match at least one file.")
     parser.add_argument(
         "--output", default=None,
-        help="Output prefix: rows go to <output>-SSSSS-of-NNNNN.parquet.")
+        help="Output prefix: rows go to <output>-SSSSS-of-NNNNN.parquet. A directory "
+             "(ending in '/', or an existing local directory) holds several runs: each "
+             "writes segmentations-<run_id>-SSSSS-of-NNNNN.parquet there.")
     parser.add_argument(
         "--errors_output", default=None,
-        help="Prefix for the errors (JSON lines); default <output>-errors.")
+        help="Prefix for the errors (JSON lines); default <output>-errors, or "
+             "<output>/errors-<run_id> for a directory.")
+    parser.add_argument(
+        "--run_id", default=None,
+        help="Names this run's files in an output directory; default UTC time + random.")
+    parser.add_argument(
+        "--skip_existing", action="store_true", default=False,
+        help="With an output directory: process only inputs that have no row in the "
+             "Parquet files already there (earlier runs).")
+    parser.add_argument(
+        "--max_error_fraction", type=float, default=None,
+        help="Fail the job when more than this fraction of inputs fail (default: never). "
+             "A worker stops the job early once it has seen 50 inputs over the budget.")
     parser.add_argument(
         "--model", default=DEFAULT_MODEL,
         help="TF Hub handle/URL, local SavedModel directory or gs:// directory.")
@@ -58,7 +75,13 @@ class HRNetOptions(PipelineOptions):
              "each side keeps half.")
     parser.add_argument(
         "--batch_size", type=int, default=4,
-        help="Largest number of tiles per model call (RunInference batches up to it).")
+        help="Most tiles RunInference hands to the model step at once. Does not change "
+             "results.")
+    parser.add_argument(
+        "--model_batch_size", type=int, default=1,
+        help="Tiles per model call: a fixed shape, partial groups are padded. 1 is fastest "
+             "on CPUs; raise it on GPUs. Features differ in their last bits between "
+             "different values (kernels are chosen by batch size).")
     parser.add_argument(
         "--max_pixels", type=int, default=100_000_000,
         help="Images declaring more pixels than this go to the errors output undecoded.")
@@ -116,6 +139,46 @@ def _positive(name: str, value) -> None:
     raise ConfigError(f"--{name} {value}: must be at least 1")
 
 
+ROWS_NAME = "segmentations"
+ERRORS_NAME = "errors"
+
+
+def _is_directory(output: str) -> bool:
+  return output.endswith("/") or ("://" not in output and os.path.isdir(output))
+
+
+def _run_id(given: str | None) -> str:
+  if given is None:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{uuid.uuid4().hex[:6]}"
+  if not re.fullmatch(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*", given):
+    raise ConfigError(f"--run_id {given!r}: use letters, digits, '_', '.' and '-'")
+  return given
+
+
+def _outputs(options, run_id: str) -> tuple[str, str, str | None]:
+  """(rows prefix, errors prefix, pattern of earlier runs' rows or None)."""
+  if not _is_directory(options.output):
+    if options.skip_existing:
+      raise ConfigError(f"--skip_existing needs --output to be a directory (end it with "
+                        f"'/'), so that runs write side by side; got {options.output!r}")
+    return options.output, options.errors_output or f"{options.output}-errors", None
+  directory = options.output.rstrip("/")
+  rows = f"{directory}/{ROWS_NAME}-{run_id}"
+  errors = options.errors_output or f"{directory}/{ERRORS_NAME}-{run_id}"
+  existing = None
+  if options.skip_existing:
+    pattern = f"{directory}/{ROWS_NAME}-*-of-*.parquet"
+    try:
+      found = FileSystems.match([pattern], limits=[1])[0].metadata_list
+    except Exception:  # pylint: disable=broad-except  # a new directory: nothing to skip
+      found = []
+    existing = pattern if found else None
+    logger.info("--skip_existing: %s", f"skipping inputs with rows in {pattern}"
+                if found else f"no earlier rows in {directory}; nothing to skip")
+  return rows, errors, existing
+
+
 def job_config_from_options(options: HRNetOptions) -> JobConfig:
   """Checks every flag, the inputs and the model; raises ConfigError saying what to fix."""
   if not options.input:
@@ -124,10 +187,15 @@ def job_config_from_options(options: HRNetOptions) -> JobConfig:
   if not options.output:
     raise ConfigError("--output is required: a prefix such as 'out/segmentations' or "
                       "'gs://bucket/out/segmentations'")
-  for name in ("batch_size", "max_pixels", "model_copies"):
+  for name in ("batch_size", "model_batch_size", "max_pixels", "model_copies"):
     _positive(name, getattr(options, name))
+  if options.max_error_fraction is not None and not 0 <= options.max_error_fraction < 1:
+    raise ConfigError(f"--max_error_fraction {options.max_error_fraction}: use a fraction "
+                      "in [0, 1), e.g. 0.05")
   tiling = _check_tiling(options.tile_size, options.tile_overlap)
   outputs = _parse_outputs(options.outputs)
+  run_id = _run_id(options.run_id)
+  rows_prefix, errors_prefix, existing = _outputs(options, run_id)
   _check_patterns(list(options.input))
   try:
     info = inspect_model(options.model, options.model_cache_dir)
@@ -145,11 +213,13 @@ def job_config_from_options(options: HRNetOptions) -> JobConfig:
   model = ModelConfig(options.model, labels, info.feature_dim, info.has_fused_function,
                       options.model_cache_dir)
   inference = InferenceConfig(
-      outputs=outputs, min_batch_size=1, max_batch_size=options.batch_size,
+      outputs=outputs, min_batch_size=1,
+      max_batch_size=max(options.batch_size, options.model_batch_size),
+      model_batch_size=options.model_batch_size,
       share_model_across_processes=options.share_model_across_processes,
-      model_copies=options.model_copies)
+      model_copies=options.model_copies, max_error_fraction=options.max_error_fraction)
   return JobConfig(
-      input_patterns=tuple(options.input), output=options.output,
-      errors_output=options.errors_output or f"{options.output}-errors",
-      decode=DecodeConfig(options.max_pixels), tiling=tiling, model=model,
-      inference=inference)
+      input_patterns=tuple(options.input), output=rows_prefix, errors_output=errors_prefix,
+      decode=DecodeConfig(options.max_pixels, options.max_error_fraction), tiling=tiling,
+      model=model, inference=inference, run_id=run_id, existing_rows=existing,
+      max_error_fraction=options.max_error_fraction)

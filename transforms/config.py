@@ -11,7 +11,8 @@ OUTPUT_FEATURES = "features"
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-  max_pixels: int = 200_000_000
+  max_pixels: int = 100_000_000
+  max_error_fraction: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +39,11 @@ class ModelConfig:
 class InferenceConfig:
   outputs: tuple = (OUTPUT_MASKS, OUTPUT_FEATURES)
   min_batch_size: int = 1
-  max_batch_size: int = 4
+  max_batch_size: int = 4      # tiles RunInference hands to the handler at once
+  model_batch_size: int = 1    # tiles per model call, a fixed shape (padded): see handler
   share_model_across_processes: bool = False
   model_copies: int | None = None
+  max_error_fraction: float | None = None
 
   @property
   def want_masks(self) -> bool:

@@ -209,10 +209,15 @@ def _is_out_of_memory(error: Exception) -> bool:
 class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
   """RunInference handler: batches of Tiles in, one TileResult per tile out.
 
+  The model is always called with the same batch shape (`model_batch_size` tiles, a
+  partial group padded with blank tiles): convolution kernels are chosen by batch size
+  and give other last bits for other sizes, so this makes rows independent of how Beam
+  grouped the tiles, of the worker count and of the order tiles arrive in.
+
   Feature maps never leave this step: each tile's features are pooled over its owned
-  box here (a 512x512 tile's map is 47 MB at W48). A batch that fails is split and
-  retried, so only tiles that fail on their own are reported as failed; after an
-  out-of-memory error the handler keeps batches under the size that failed.
+  box here (a 512x512 tile's map is 47 MB at W48). A group that fails is split and
+  retried, so only tiles that fail on their own are reported as failed. After an
+  out-of-memory error the call size is halved and stays there.
   """
 
   def __init__(self, model: ModelConfig, inference: InferenceConfig, tile_size: int):
@@ -224,7 +229,7 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
     self._model_config = model
     self._inference = inference
     self._tile_size = tile_size
-    self._batch_cap = inference.max_batch_size
+    self._call_size = inference.model_batch_size
     self._metrics = None
 
   def load_model(self) -> LoadedHRNet:
@@ -238,31 +243,38 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
 
   def _counters(self):
     if self._metrics is None:
-      self._metrics = (beam.metrics.Metrics.counter(METRICS_NAMESPACE, "tiles_failed"),
-                       beam.metrics.Metrics.string_set(METRICS_NAMESPACE, "model_load_ids"))
+      self._metrics = {
+          "tiles_failed": beam.metrics.Metrics.counter(METRICS_NAMESPACE, "tiles_failed"),
+          "oom_backoffs": beam.metrics.Metrics.counter(METRICS_NAMESPACE, "oom_backoffs"),
+          "load_ids": beam.metrics.Metrics.string_set(METRICS_NAMESPACE, "model_load_ids")}
     return self._metrics
 
   def run_inference(self, batch: Sequence[Tile], model: LoadedHRNet,
                     inference_args: Optional[dict[str, Any]] = None) -> Iterable[TileResult]:
-    tiles_failed, load_ids = self._counters()
-    load_ids.add(model.load_id())
-    results = []
-    start = 0
-    while start < len(batch):
-      chunk = batch[start:start + self._batch_cap]
-      start += len(chunk)
-      results.extend(self._infer_or_split(list(chunk), model))
-    tiles_failed.inc(sum(1 for r in results if r.error is not None))
+    counters = self._counters()
+    counters["load_ids"].add(model.load_id())
+    results = self._infer_or_split(list(batch), model)
+    counters["tiles_failed"].inc(sum(1 for r in results if r.error is not None))
     return results
 
   def _infer_or_split(self, tiles: list, model: LoadedHRNet) -> list:
+    if len(tiles) > self._call_size:
+      results = []
+      while tiles:
+        group, tiles = tiles[:self._call_size], tiles[self._call_size:]
+        results.extend(self._infer_or_split(group, model))
+      return results
     try:
       return self._infer(tiles, model)
     except Exception as e:  # pylint: disable=broad-except
-      if _is_out_of_memory(e) and len(tiles) > 1:
-        self._batch_cap = max(1, min(self._batch_cap, len(tiles) // 2))
-        logger.warning("Out of memory on a batch of %d tiles; batches stay at or below %d "
-                       "from now on", len(tiles), self._batch_cap)
+      if _is_out_of_memory(e) and self._call_size > 1:
+        self._call_size //= 2
+        self._counters()["oom_backoffs"].inc()
+        logger.warning("Out of memory with %d tiles per model call; calling with %d from "
+                       "now on (rows computed after this differ in the last bits of their "
+                       "features from rows computed at the larger size)",
+                       self._call_size * 2, self._call_size)
+        return self._infer_or_split(tiles, model)
       if len(tiles) == 1:
         reason = f"{type(e).__name__}: {e}".strip()
         logger.warning("Inference failed for %s tile %d: %s", tiles[0].image.source,
@@ -273,7 +285,9 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
               self._infer_or_split(tiles[middle:], model))
 
   def _infer(self, tiles: list, model: LoadedHRNet) -> list:
-    images = np.stack([to_unit_float(tile.pixels) for tile in tiles])
+    images = np.zeros((self._call_size, self._tile_size, self._tile_size, 3), np.float32)
+    for i, tile in enumerate(tiles):
+      images[i] = to_unit_float(tile.pixels)
     class_ids, features = model.infer(images, self._inference.want_masks,
                                       self._inference.want_features)
     stride = feature_stride(self._tile_size, features.shape[1]) if features is not None else 0

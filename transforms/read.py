@@ -6,7 +6,9 @@ import logging
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import FileMetadata
+from apache_beam.io.parquetio import ReadFromParquet
 
+from transforms.budget import ErrorBudget
 from transforms.config import DecodeConfig
 from transforms.decode import DecodeError, decode_image
 from transforms.model_handler import METRICS_NAMESPACE
@@ -26,9 +28,14 @@ class _DecodeFn(beam.DoFn):
     self._config = config
     self._inputs = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "inputs")
     self._errors = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "decode_errors")
+    self._budget = None
+
+  def setup(self):
+    self._budget = ErrorBudget(self._config.max_error_fraction, "read/decode")
 
   def _error(self, path: str, stage: str, reason: str):
     self._errors.inc()
+    self._budget.record(failed=True)
     logger.warning("Skipping %s (%s): %s", path, stage, reason)
     return beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(path, path, stage, reason))
 
@@ -48,32 +55,61 @@ class _DecodeFn(beam.DoFn):
     except MemoryError:
       yield self._error(path, "decode", "out of memory while decoding")
       return
+    self._budget.record(failed=False)
     yield ImageRecord(path, path, pixels)
+
+
+class _KeepNewFn(beam.DoFn):
+  """(path, {'input': [...], 'done': [...]}) -> the path once, unless a row exists for it."""
+
+  def __init__(self):
+    self._skipped = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "skipped_existing")
+
+  def process(self, keyed):
+    path, seen = keyed
+    if not seen["input"]:
+      return
+    if seen["done"]:
+      self._skipped.inc()
+      return
+    yield FileMetadata(path, 0)
 
 
 class ReadImages(beam.PTransform):
   """PBegin -> (PCollection[ImageRecord], PCollection[ErrorRecord]).
 
-  Matches the patterns, drops files matched twice, spreads files over workers,
-  then reads and decodes each one. Usage:
+  Matches the patterns, drops files matched twice (and, given `existing_rows`, files
+  that already have a row there), spreads files over workers, then reads and decodes
+  each one. Usage:
       images, errors = p | ReadImages(["gs://bucket/tiles/*.png"], DecodeConfig())
   """
 
-  def __init__(self, patterns: list[str], config: DecodeConfig):
+  def __init__(self, patterns: list[str], config: DecodeConfig,
+               existing_rows: str | None = None):
     super().__init__()
     self._patterns = list(patterns)
     self._config = config
+    self._existing_rows = existing_rows
 
   def expand(self, pbegin):
-    paths = (
+    inputs = (
         pbegin
         | "Patterns" >> beam.Create(self._patterns)
         | "MatchInputs" >> fileio.MatchAll()
-        | "Paths" >> beam.Map(lambda meta: meta.path)
-        # Distinct groups by path: a file matched by two patterns is read once, and the
-        # shuffle behind it spreads the files over workers before the expensive steps.
-        | "OncePerFile" >> beam.Distinct()
-        | "AsMetadata" >> beam.Map(lambda path: FileMetadata(path, 0)))
+        | "KeyInputs" >> beam.Map(lambda meta: (meta.path, None)))
+    if self._existing_rows:
+      done = (
+          pbegin
+          | "ReadExistingIds" >> ReadFromParquet(self._existing_rows, columns=["image_id"])
+          | "KeyExisting" >> beam.Map(lambda row: (row["image_id"], None)))
+    else:
+      done = pbegin | "NothingDone" >> beam.Create([])
+    # One shuffle by path: a file matched by two patterns is read once, files with rows
+    # are skipped, and the files are spread over workers before the expensive steps.
+    paths = (
+        {"input": inputs, "done": done}
+        | "OncePerFile" >> beam.CoGroupByKey()
+        | "KeepNew" >> beam.ParDo(_KeepNewFn()))
     decoded = (
         paths
         | "ReadMatches" >> fileio.ReadMatches()

@@ -11,6 +11,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.transforms.window import GlobalWindows
 from PIL import Image
 
+from transforms.budget import ErrorBudget
 from transforms.config import InferenceConfig, ModelConfig, TilingConfig
 from transforms.model_handler import METRICS_NAMESPACE, HRNetModelHandler
 from transforms.tiling import cut_tile, stitch_mask, tile_grid
@@ -103,9 +104,11 @@ class _StitchFn(beam.DoFn):
     self._errors = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "inference_errors")
     self._pending = {}
     self._progress = None
+    self._budget = None
 
   def setup(self):
     self._progress = _Progress()
+    self._budget = ErrorBudget(self._inference.max_error_fraction, "inference")
 
   def start_bundle(self):
     self._pending = {}
@@ -115,7 +118,9 @@ class _StitchFn(beam.DoFn):
     parts[result.spec.index] = result
     if len(parts) == result.image.num_tiles:
       del self._pending[result.image.image_id]
-      yield self._finish(result.image, list(parts.values()))
+      output = self._finish(result.image, list(parts.values()))
+      self._budget.record(failed=isinstance(output, beam.pvalue.TaggedOutput))
+      yield output
 
   def _finish(self, image: ImageInfo, parts: list[TileResult]):
     failed = [p for p in parts if p.error is not None]
