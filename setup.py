@@ -23,5 +23,6 @@ setuptools.setup(
     packages=["pipeline", "transforms"],
     package_data={"transforms": ["model_labels/*.json"]},
     install_requires=REQUIRED,
-    extras_require={"test": ["pytest==9.2.0", "hypothesis==6.170.15"]},
+    extras_require={"test": ["pytest==9.2.0", "hypothesis==6.170.15",
+                             "gcp-storage-emulator==2026.7.19"]},
 )

@@ -179,6 +179,30 @@ def _outputs(options, run_id: str) -> tuple[str, str, str | None]:
   return rows, errors, existing
 
 
+def _check_writable(prefix: str, run_id: str) -> None:
+  """Writes and deletes a marker where the output goes: a missing bucket or a missing
+  permission then stops the job here, not after hours of work."""
+  directory = prefix.rsplit("/", 1)[0] if "/" in prefix else "."
+  marker = f"{directory}/.hrnet-beam-write-check-{run_id}"
+  try:
+    if marker.startswith("gs://"):
+      # One request: a failed streaming writer would retry its upload again when
+      # garbage-collected, for minutes, long after this check has reported.
+      from google.cloud import storage  # pylint: disable=import-outside-toplevel
+      bucket, name = marker[len("gs://"):].split("/", 1)
+      client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "hrnet-beam"))
+      blob = client.bucket(bucket).blob(name)
+      blob.upload_from_string(b"ok")
+      blob.delete()
+    else:
+      with FileSystems.create(marker) as f:
+        f.write(b"ok")
+      FileSystems.delete([marker])
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"cannot write to the output location {directory}: "
+                      f"{type(e).__name__}: {e}") from e
+
+
 def job_config_from_options(options: HRNetOptions) -> JobConfig:
   """Checks every flag, the inputs and the model; raises ConfigError saying what to fix."""
   if not options.input:
@@ -197,6 +221,8 @@ def job_config_from_options(options: HRNetOptions) -> JobConfig:
   run_id = _run_id(options.run_id)
   rows_prefix, errors_prefix, existing = _outputs(options, run_id)
   _check_patterns(list(options.input))
+  _check_writable(rows_prefix, run_id)
+  _check_writable(errors_prefix, run_id)
   try:
     info = inspect_model(options.model, options.model_cache_dir)
   except ModelLoadError as e:

@@ -85,3 +85,23 @@ def read_errors(prefix):
     with open(file, encoding="utf-8") as f:
       errors.extend(json.loads(line) for line in f if line.strip())
   return errors
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A GCS emulator behind a fault proxy (no faults until asked), for the whole session.
+
+  The environment points every Google client of this process (and of worker processes
+  it starts) at the proxy, as a user would point the pipeline at an emulator.
+  """
+  import gcs as gcs_lib  # pylint: disable=import-outside-toplevel
+  emulator = gcs_lib.Emulator()
+  proxy = gcs_lib.FaultProxy(emulator.port, fraction=0.0, max_faults=0, lifetime_s=3600)
+  environment = gcs_lib.client_environment(
+      proxy.endpoint, str(tmp_path_factory.mktemp("gcs") / "credentials.json"))
+  with pytest.MonkeyPatch.context() as patch:
+    for key, value in environment.items():
+      patch.setenv(key, value)
+    yield type("Gcs", (), {"emulator": emulator, "proxy": proxy})
+  proxy.stop()
+  emulator.stop()

@@ -1,0 +1,105 @@
+"""gs:// for real, against a local emulator: inputs, model, rows and errors in buckets."""
+import io
+import os
+import uuid
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.io.filesystems import FileSystems
+from PIL import Image
+
+from pipeline.config import ConfigError
+
+from conftest import read_errors, run_job, textured_image
+
+
+def _upload(path: str, data: bytes) -> None:
+  with FileSystems.create(path) as f:
+    f.write(data)
+
+
+def _upload_dir(local: str, remote: str) -> None:
+  for root, _, files in os.walk(local):
+    for name in files:
+      source = os.path.join(root, name)
+      with open(source, "rb") as f:
+        _upload(f"{remote}/{os.path.relpath(source, local)}", f.read())
+
+
+def _png(image) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def _read_rows_through_gcsfs(emulator_endpoint: str, prefix: str) -> dict:
+  import gcsfs  # pylint: disable=import-outside-toplevel
+  fs = gcsfs.GCSFileSystem(endpoint_url=emulator_endpoint, token="anon")
+  files = fs.glob(prefix.removeprefix("gs://") + "-*-of-*.parquet")
+  assert files, prefix
+  rows = {}
+  for file in files:
+    for row in pq.read_table(file, filesystem=fs).to_pylist():
+      assert row["image_id"] not in rows, row["image_id"]
+      rows[row["image_id"]] = row
+  return rows
+
+
+@pytest.fixture()
+def bucket(gcs):
+  name = f"b-{uuid.uuid4().hex[:10]}"
+  gcs.emulator.create_bucket(name)
+  return f"gs://{name}"
+
+
+def _stage_inputs(bucket, count=6):
+  sources = []
+  for i in range(count):
+    path = f"{bucket}/images/{i}.png"
+    _upload(path, _png(textured_image(90 + 10 * i, 120, i)))
+    sources.append(path)
+  _upload(f"{bucket}/images/broken.png", b"\x89PNG\r\n\x1a\nbroken")
+  return sources
+
+
+def test_whole_job_in_buckets_with_storage_faults(gcs, bucket, tiny_model, tmp_path):
+  sources = _stage_inputs(bucket)
+  _upload_dir(tiny_model, f"{bucket}/models/tiny")
+  gcs.proxy.set_faults(fraction=0.25, max_faults=40, seed=3)
+  try:
+    summary = run_job("--input", f"{bucket}/images/*.png", "--output", f"{bucket}/out/rows",
+                      "--model", f"{bucket}/models/tiny", "--model_cache_dir",
+                      tmp_path / "model-cache", "--tile_size", 64, "--tile_overlap", 32)
+    injected = dict(gcs.proxy.faults)
+  finally:
+    gcs.proxy.set_faults(fraction=0.0, max_faults=0)
+  assert sum(injected.values()) >= 3, injected  # the job really met 503s, 429s and drops
+  assert (summary.inputs, summary.rows, summary.errors) == (7, 6, 1)
+  rows = _read_rows_through_gcsfs(gcs.emulator.endpoint, f"{bucket}/out/rows")
+  assert sorted(rows) == sorted(sources)
+  for source, row in rows.items():
+    mask = np.asarray(Image.open(io.BytesIO(row["mask_png"])))
+    assert mask.shape == (row["height"], row["width"])
+  errors_file = FileSystems.match([f"{bucket}/out/rows-errors-*.jsonl"])[0].metadata_list
+  assert len(errors_file) == 1
+  local_copy = tmp_path / "errors-00000-of-00001.jsonl"
+  local_copy.write_bytes(FileSystems.open(errors_file[0].path).read())
+  assert [e["source"] for e in read_errors(tmp_path / "errors")] == [
+      f"{bucket}/images/broken.png"]
+  # The model was copied from the bucket to local disk once, then loaded from there.
+  assert len(os.listdir(tmp_path / "model-cache")) == 2  # the copy and its lock file
+
+
+def test_missing_input_bucket_fails_before_launch(gcs, tiny_model, tmp_path):
+  with pytest.raises(ConfigError, match="gs://no-such-bucket-x/"):
+    run_job("--input", "gs://no-such-bucket-x/*.png", "--output", tmp_path / "rows",
+            "--model", tiny_model)
+
+
+def test_missing_output_bucket_fails_before_launch(gcs, bucket, tiny_model):
+  _stage_inputs(bucket, count=1)
+  with pytest.raises(ConfigError, match="cannot write to the output location "
+                                        "gs://no-such-bucket-y"):
+    run_job("--input", f"{bucket}/images/0.png", "--output", "gs://no-such-bucket-y/rows",
+            "--model", tiny_model)
