@@ -32,6 +32,16 @@ class HRNetOptions(PipelineOptions):
         help="File pattern of input images (PNG, JPEG, TIFF), local or gs://; repeatable. "
              "Each pattern must match at least one file.")
     parser.add_argument(
+        "--input_format", default="auto", choices=("auto", "image", "tfrecord", "tar"),
+        help="auto: by extension (.tfrecord[.gz]/.tfrecords[.gz]/.tfr: TFRecord of "
+             "tf.train.Example; .tar/.tar.gz/.tgz: WebDataset tar; else an image file).")
+    parser.add_argument(
+        "--tfrecord_image_key", default="image/encoded",
+        help="tf.train.Example feature holding the encoded image.")
+    parser.add_argument(
+        "--tfrecord_id_keys", default="image/filename,image/id",
+        help="Features tried in order for a record's id (else its index in the shard).")
+    parser.add_argument(
         "--output", default=None,
         help="Output prefix: rows go to <output>-SSSSS-of-NNNNN.parquet. A directory "
              "(ending in '/', or an existing local directory) holds several runs: each "
@@ -246,6 +256,10 @@ def job_config_from_options(options: HRNetOptions) -> JobConfig:
       model_copies=options.model_copies, max_error_fraction=options.max_error_fraction)
   return JobConfig(
       input_patterns=tuple(options.input), output=rows_prefix, errors_output=errors_prefix,
-      decode=DecodeConfig(options.max_pixels, options.max_error_fraction), tiling=tiling,
+      decode=DecodeConfig(
+          options.max_pixels, options.max_error_fraction, options.input_format,
+          options.tfrecord_image_key,
+          tuple(k.strip() for k in options.tfrecord_id_keys.split(",") if k.strip())),
+      tiling=tiling,
       model=model, inference=inference, run_id=run_id, existing_rows=existing,
       max_error_fraction=options.max_error_fraction)

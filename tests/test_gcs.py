@@ -6,6 +6,7 @@ import uuid
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
@@ -15,7 +16,8 @@ from conftest import read_errors, run_job, textured_image
 
 
 def _upload(path: str, data: bytes) -> None:
-  with FileSystems.create(path) as f:
+  """Stores the bytes as they are (FileSystems would gzip again a path ending in .gz)."""
+  with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
     f.write(data)
 
 
@@ -103,3 +105,20 @@ def test_missing_output_bucket_fails_before_launch(gcs, bucket, tiny_model):
                                         "gs://no-such-bucket-y"):
     run_job("--input", f"{bucket}/images/0.png", "--output", "gs://no-such-bucket-y/rows",
             "--model", tiny_model)
+
+
+def test_shards_in_a_bucket(gcs, bucket, pixel_local_model, tmp_path):
+  from test_shards import _example, _png, write_tar, write_tfrecord
+  local_tfrecord = write_tfrecord(tmp_path / "a.tfrecord.gz",
+                                  [_example(_png(i), **{"image/id": f"r{i}"}) for i in range(3)],
+                                  compress=True)
+  local_tar = write_tar(tmp_path / "b.tar", [("k1.png", _png(7)), ("k2.png", _png(8))])
+  for local in (local_tfrecord, local_tar):
+    with open(local, "rb") as f:
+      _upload(f"{bucket}/shards/{os.path.basename(local)}", f.read())
+  summary = run_job("--input", f"{bucket}/shards/*", "--output", f"{bucket}/out/rows",
+                    "--model", pixel_local_model)
+  assert (summary.inputs, summary.rows, summary.errors) == (5, 5, 0)
+  rows = _read_rows_through_gcsfs(gcs.emulator.endpoint, f"{bucket}/out/rows")
+  assert sorted(rows) == sorted([f"{bucket}/shards/a.tfrecord.gz#r{i}" for i in range(3)] +
+                                [f"{bucket}/shards/b.tar#k1", f"{bucket}/shards/b.tar#k2"])

@@ -13,6 +13,9 @@ OUTPUT_FEATURES = "features"
 class DecodeConfig:
   max_pixels: int = 100_000_000
   max_error_fraction: float | None = None
+  input_format: str = "auto"              # auto (by extension), image, tfrecord or tar
+  tfrecord_image_key: str = "image/encoded"
+  tfrecord_id_keys: tuple = ("image/filename", "image/id")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Reading images from file patterns (local or gs://) into decoded ImageRecords."""
+"""Reading images from file patterns (local or gs://): single image files and shards."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +12,9 @@ from transforms.budget import ErrorBudget
 from transforms.config import DecodeConfig
 from transforms.decode import DecodeError, decode_image
 from transforms.model_handler import METRICS_NAMESPACE
-from transforms.types import ErrorRecord, ImageRecord
+from transforms.shards import (FORMAT_IMAGE, FORMAT_TAR, FORMAT_TFRECORD, ShardError,
+                               detect_format, tar_samples, tfrecord_examples)
+from transforms.types import EncodedImage, ErrorRecord, ImageRecord
 
 __all__ = ["ReadImages"]
 
@@ -21,8 +23,15 @@ logger = logging.getLogger(__name__)
 ERRORS = "errors"
 
 
+def _error_output(errors_counter, budget, record: ErrorRecord):
+  errors_counter.inc()
+  budget.record(failed=True)
+  logger.warning("Skipping %s (%s): %s", record.image_id, record.stage, record.reason)
+  return beam.pvalue.TaggedOutput(ERRORS, record)
+
+
 class _DecodeFn(beam.DoFn):
-  """ReadableFile -> ImageRecord, or an ErrorRecord (stage read/decode) on the errors output."""
+  """ReadableFile or EncodedImage -> ImageRecord, or an ErrorRecord on the errors output."""
 
   def __init__(self, config: DecodeConfig):
     self._config = config
@@ -33,54 +42,119 @@ class _DecodeFn(beam.DoFn):
   def setup(self):
     self._budget = ErrorBudget(self._config.max_error_fraction, "read/decode")
 
-  def _error(self, path: str, stage: str, reason: str):
-    self._errors.inc()
-    self._budget.record(failed=True)
-    logger.warning("Skipping %s (%s): %s", path, stage, reason)
-    return beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(path, path, stage, reason))
+  def _error(self, image_id: str, source: str, stage: str, reason: str):
+    return _error_output(self._errors, self._budget,
+                         ErrorRecord(image_id, source, stage, reason))
 
-  def process(self, readable_file):
-    path = readable_file.metadata.path
+  def process(self, element):
     self._inputs.inc()
-    try:
-      data = readable_file.read()
-    except Exception as e:  # pylint: disable=broad-except
-      yield self._error(path, "read", f"{type(e).__name__}: {e}")
-      return
+    if isinstance(element, EncodedImage):
+      image_id, source, data = element.image_id, element.source, element.data
+    else:
+      image_id = source = element.metadata.path
+      try:
+        data = element.read()
+      except Exception as e:  # pylint: disable=broad-except
+        yield self._error(image_id, source, "read", f"{type(e).__name__}: {e}")
+        return
     try:
       pixels = decode_image(data, self._config.max_pixels)
     except DecodeError as e:
-      yield self._error(path, "decode", str(e))
+      yield self._error(image_id, source, "decode", str(e))
       return
     except MemoryError:
-      yield self._error(path, "decode", "out of memory while decoding")
+      yield self._error(image_id, source, "decode", "out of memory while decoding")
       return
     self._budget.record(failed=False)
-    yield ImageRecord(path, path, pixels)
+    yield ImageRecord(image_id, source, pixels)
+
+
+class _ShardRecordsFn(beam.DoFn):
+  """A shard (ReadableFile) -> (image_id, EncodedImage) per record; bad records and the
+  damaged remainder of a shard go to the errors output, each counted as one input."""
+
+  def __init__(self, config: DecodeConfig):
+    self._config = config
+    self._inputs = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "inputs")
+    self._errors = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "decode_errors")
+    self._records = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "shard_records")
+    self._budget = None
+
+  def setup(self):
+    self._budget = ErrorBudget(self._config.max_error_fraction, "read")
+
+  def _error(self, image_id: str, shard: str, reason: str):
+    self._inputs.inc()
+    return _error_output(self._errors, self._budget, ErrorRecord(image_id, shard, "read",
+                                                                 reason))
+
+  def process(self, readable_file):
+    shard = readable_file.metadata.path
+    shard_format = _format_of(shard, self._config)
+    count = 0
+    try:
+      with readable_file.open() as stream:
+        if shard_format == FORMAT_TFRECORD:
+          records = tfrecord_examples(stream, self._config.tfrecord_image_key,
+                                      tuple(self._config.tfrecord_id_keys))
+        else:
+          records = tar_samples(stream)
+        for record in records:
+          count += 1
+          image_id = f"{shard}#{record.key}"
+          if record.problem:
+            yield self._error(image_id, shard, record.problem)
+          else:
+            self._records.inc()
+            yield image_id, EncodedImage(image_id, shard, record.data)
+    except ShardError as e:
+      yield self._error(f"{shard}#damaged-from-{count}", shard,
+                        f"shard {e}: {count} records read before it, the rest are lost")
+    except Exception as e:  # pylint: disable=broad-except  # unreadable, not gzip, ...
+      yield self._error(f"{shard}#damaged-from-{count}", shard,
+                        f"cannot read shard after {count} records: {type(e).__name__}: {e}")
 
 
 class _KeepNewFn(beam.DoFn):
-  """(path, {'input': [...], 'done': [...]}) -> the path once, unless a row exists for it."""
+  """(id, {'input': [...], 'done': [...]}) -> the input once, unless a row exists for id.
+
+  A second input with the same id (a shard with a repeated key) is reported, not dropped.
+  """
 
   def __init__(self):
     self._skipped = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "skipped_existing")
+    self._inputs = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "inputs")
+    self._errors = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "decode_errors")
 
   def process(self, keyed):
-    path, seen = keyed
-    if not seen["input"]:
+    image_id, seen = keyed
+    inputs = list(seen["input"])
+    if not inputs:
       return
     if seen["done"]:
-      self._skipped.inc()
+      self._skipped.inc(len(inputs))
       return
-    yield FileMetadata(path, 0)
+    yield inputs[0]
+    for duplicate in inputs[1:]:
+      if isinstance(duplicate, EncodedImage):  # the same file matched twice is just one input
+        self._inputs.inc()
+        self._errors.inc()
+        yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
+            image_id, duplicate.source, "read",
+            "another record of this shard has the same key; only the first is processed"))
+
+
+def _format_of(path: str, config: DecodeConfig) -> str:
+  return detect_format(path) if config.input_format == "auto" else config.input_format
 
 
 class ReadImages(beam.PTransform):
   """PBegin -> (PCollection[ImageRecord], PCollection[ErrorRecord]).
 
-  Matches the patterns, drops files matched twice (and, given `existing_rows`, files
-  that already have a row there), spreads files over workers, then reads and decodes
-  each one. Usage:
+  Matches the patterns; image files are read once each (a file matched by two patterns
+  too), shards (TFRecord, WebDataset tar) are expanded into records. Files, then shard
+  records, are shuffled by id so work spreads over workers and, given `existing_rows`,
+  ids that already have a row are skipped. Usage:
       images, errors = p | ReadImages(["gs://bucket/tiles/*.png"], DecodeConfig())
   """
 
@@ -92,11 +166,7 @@ class ReadImages(beam.PTransform):
     self._existing_rows = existing_rows
 
   def expand(self, pbegin):
-    inputs = (
-        pbegin
-        | "Patterns" >> beam.Create(self._patterns)
-        | "MatchInputs" >> fileio.MatchAll()
-        | "KeyInputs" >> beam.Map(lambda meta: (meta.path, None)))
+    config = self._config
     if self._existing_rows:
       done = (
           pbegin
@@ -104,14 +174,36 @@ class ReadImages(beam.PTransform):
           | "KeyExisting" >> beam.Map(lambda row: (row["image_id"], None)))
     else:
       done = pbegin | "NothingDone" >> beam.Create([])
-    # One shuffle by path: a file matched by two patterns is read once, files with rows
-    # are skipped, and the files are spread over workers before the expensive steps.
-    paths = (
-        {"input": inputs, "done": done}
+    files = (
+        {"input": (pbegin
+                   | "Patterns" >> beam.Create(self._patterns)
+                   | "MatchInputs" >> fileio.MatchAll()
+                   | "KeyInputs" >> beam.Map(lambda meta: (meta.path, FileMetadata(meta.path,
+                                                                                   0)))),
+         "done": done}
         | "OncePerFile" >> beam.CoGroupByKey()
-        | "KeepNew" >> beam.ParDo(_KeepNewFn()))
-    decoded = (
-        paths
+        | "KeepNewFiles" >> beam.ParDo(_KeepNewFn()).with_outputs(ERRORS, main="files"))
+    image_files, shard_files = files.files | "ByFormat" >> beam.Partition(
+        lambda meta, _: 0 if _format_of(meta.path, config) == FORMAT_IMAGE else 1, 2)
+    decoded_files = (
+        image_files
         | "ReadMatches" >> fileio.ReadMatches()
-        | "Decode" >> beam.ParDo(_DecodeFn(self._config)).with_outputs(ERRORS, main="images"))
-    return decoded.images, decoded[ERRORS]
+        | "Decode" >> beam.ParDo(_DecodeFn(config)).with_outputs(ERRORS, main="images"))
+    records = (
+        shard_files
+        | "ReadShardMatches" >> fileio.ReadMatches()
+        | "ReadShards" >> beam.ParDo(_ShardRecordsFn(config)).with_outputs(
+            ERRORS, main="records"))
+    # The second shuffle fans a few huge shards out over all workers, record by record.
+    new_records = (
+        {"input": records.records, "done": done}
+        | "OncePerRecord" >> beam.CoGroupByKey()
+        | "KeepNewRecords" >> beam.ParDo(_KeepNewFn()).with_outputs(ERRORS, main="records"))
+    decoded_records = new_records.records | "DecodeRecords" >> beam.ParDo(
+        _DecodeFn(config)).with_outputs(ERRORS, main="images")
+    images = ((decoded_files.images, decoded_records.images)
+              | "AllImages" >> beam.Flatten())
+    errors = ((files[ERRORS], decoded_files[ERRORS], records[ERRORS], new_records[ERRORS],
+               decoded_records[ERRORS])
+              | "AllReadErrors" >> beam.Flatten())
+    return images, errors

@@ -16,6 +16,14 @@ class ImageRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class EncodedImage:
+  """Undecoded image bytes from a shard record; image_id is '<shard URI>#<key>'."""
+  image_id: str
+  source: str
+  data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
 class ImageInfo:
   """What every tile of an image carries so results can be stitched without a lookup."""
   image_id: str
