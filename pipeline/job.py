@@ -7,7 +7,8 @@ import sys
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (PipelineOptions, StandardOptions,
+                                                  TestOptions)
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.options import HRNetOptions, job_config_from_options
@@ -45,6 +46,7 @@ class RunSummary:
   failure: str          # why it failed; "" when done
   exit_status: int
   metrics: dict
+  job: object = None    # the translated job description, for --dry_run on Dataflow
 
   def line(self, cfg: JobConfig) -> str:
     skipped = f", {self.skipped} skipped (rows exist)" if self.skipped else ""
@@ -113,6 +115,11 @@ def run(argv=None, test_pipeline=None) -> RunSummary:
   logger.info("Run %s: rows to %s-*.parquet, errors to %s-*.jsonl", cfg.run_id, cfg.output,
               cfg.errors_output)
   failure, exit_status, values = "", EXIT_OK, {}
+  if options.view_as(TestOptions).dry_run:
+    result = p.run()
+    print(f"hrnet-beam dry run: job translated for {options.view_as(StandardOptions).runner}, "
+          "not submitted", flush=True)
+    return RunSummary(0, 0, 0, 0, "dry_run", "", EXIT_OK, {}, getattr(result, "job", None))
   try:
     result = p.run()
     result.wait_until_finish()

@@ -99,6 +99,10 @@ class HRNetOptions(PipelineOptions):
         "--share_model_across_processes", action="store_true", default=False,
         help="Load one model per machine, shared by all its worker processes.")
     parser.add_argument(
+        "--require_gpu", action="store_true", default=False,
+        help="Workers fail loudly at start-up if TensorFlow sees no GPU. On by default "
+             "when --dataflow_service_options asks for a worker_accelerator.")
+    parser.add_argument(
         "--model_copies", type=int, default=None,
         help="With shared models: how many copies per machine (implies sharing).")
 
@@ -213,6 +217,11 @@ def _check_writable(prefix: str, run_id: str) -> None:
                       f"{type(e).__name__}: {e}") from e
 
 
+def _asks_for_gpu(options: HRNetOptions) -> bool:
+  service_options = options.get_all_options().get("dataflow_service_options") or []
+  return options.require_gpu or any("worker_accelerator" in o for o in service_options)
+
+
 def job_config_from_options(options: HRNetOptions) -> JobConfig:
   """Checks every flag, the inputs and the model; raises ConfigError saying what to fix."""
   if not options.input:
@@ -253,7 +262,8 @@ def job_config_from_options(options: HRNetOptions) -> JobConfig:
       max_batch_size=max(options.batch_size, options.model_batch_size),
       model_batch_size=options.model_batch_size,
       share_model_across_processes=options.share_model_across_processes,
-      model_copies=options.model_copies, max_error_fraction=options.max_error_fraction)
+      model_copies=options.model_copies, max_error_fraction=options.max_error_fraction,
+      require_gpu=_asks_for_gpu(options))
   return JobConfig(
       input_patterns=tuple(options.input), output=rows_prefix, errors_output=errors_prefix,
       decode=DecodeConfig(

@@ -105,3 +105,12 @@ def gcs(tmp_path_factory):
     yield type("Gcs", (), {"emulator": emulator, "proxy": proxy})
   proxy.stop()
   emulator.stop()
+
+
+@pytest.fixture()
+def bucket(gcs):
+  """A new, empty bucket in the emulator: gs://b-<random>."""
+  import uuid  # pylint: disable=import-outside-toplevel
+  name = f"b-{uuid.uuid4().hex[:10]}"
+  gcs.emulator.create_bucket(name)
+  return f"gs://{name}"

@@ -1,7 +1,6 @@
 """gs:// for real, against a local emulator: inputs, model, rows and errors in buckets."""
 import io
 import os
-import uuid
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -46,13 +45,6 @@ def _read_rows_through_gcsfs(emulator_endpoint: str, prefix: str) -> dict:
       assert row["image_id"] not in rows, row["image_id"]
       rows[row["image_id"]] = row
   return rows
-
-
-@pytest.fixture()
-def bucket(gcs):
-  name = f"b-{uuid.uuid4().hex[:10]}"
-  gcs.emulator.create_bucket(name)
-  return f"gs://{name}"
 
 
 def _stage_inputs(bucket, count=6):

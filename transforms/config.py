@@ -47,6 +47,7 @@ class InferenceConfig:
   share_model_across_processes: bool = False
   model_copies: int | None = None
   max_error_fraction: float | None = None
+  require_gpu: bool = False    # workers fail at model load if TensorFlow sees no GPU
 
   @property
   def want_masks(self) -> bool:

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler
 
@@ -74,7 +75,8 @@ def _copy_remote_model(uri: str, cache_dir: str) -> str:
       relative = meta.path[len(prefix):]
       target = os.path.join(tmp, relative)
       os.makedirs(os.path.dirname(target), exist_ok=True)
-      with FileSystems.open(meta.path) as src, open(target, "wb") as dst:
+      with FileSystems.open(meta.path, compression_type=CompressionTypes.UNCOMPRESSED
+                            ) as src, open(target, "wb") as dst:
         shutil.copyfileobj(src, dst, 8 << 20)
     shutil.rmtree(dest, ignore_errors=True)
     os.rename(tmp, dest)
@@ -165,8 +167,32 @@ class LoadedHRNet:
     return int(scores.shape[-1]), int(features.shape[-1]), int(features.shape[1])
 
 
-def load_hrnet(handle: str, cache_dir: str = DEFAULT_CACHE_DIR) -> LoadedHRNet:
+class NoGpuError(RuntimeError):
+  """A worker that was asked for a GPU sees none: stop rather than crawl on the CPU."""
+
+
+def prepare_devices(require_gpu: bool) -> list:
+  """GPU memory growth on (set before any model loads), and the GPU check."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  gpus = tf.config.list_physical_devices("GPU")
+  for gpu in gpus:
+    try:
+      tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError:  # already initialized in this process: keep its setting
+      pass
+  if require_gpu and not gpus:
+    raise NoGpuError(
+        "This worker was asked for a GPU (--require_gpu, or a worker_accelerator service "
+        "option) but TensorFlow sees none: check the image has CUDA-enabled TensorFlow and "
+        "the service option installs the NVIDIA driver (install-nvidia-driver). Stopping "
+        "instead of running on the CPU for hours.")
+  return gpus
+
+
+def load_hrnet(handle: str, cache_dir: str = DEFAULT_CACHE_DIR,
+               require_gpu: bool = False) -> LoadedHRNet:
   """Loads the model or raises ModelLoadError naming it, the cause and how to stage it."""
+  prepare_devices(require_gpu)
   try:
     local_dir = resolve_model_dir(handle, cache_dir)
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -233,7 +259,8 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
     self._metrics = None
 
   def load_model(self) -> LoadedHRNet:
-    return load_hrnet(self._model_config.handle, self._model_config.cache_dir)
+    return load_hrnet(self._model_config.handle, self._model_config.cache_dir,
+                      self._inference.require_gpu)
 
   def get_metrics_namespace(self) -> str:
     return METRICS_NAMESPACE
