@@ -1,0 +1,198 @@
+"""Synthetic aerial scenes with pixel labels in the ISPRS scheme, deterministic by seed.
+
+    python -m pipeline.scenes --output scenes/ --count 20 --height 1100 --width 1500
+
+Label ids are the ISPRS ones of transforms/model_labels/isprs.json: 0 clutter/background,
+1 impervious surfaces, 2 building, 3 low vegetation, 4 tree, 5 car. Scene kinds: "urban"
+(dense blocks, many roads and cars), "suburban" (houses in gardens, trees), "park"
+(grass, trees, paths, little else), and "mixed" (drawn at random per scene).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+
+CLUTTER, IMPERVIOUS, BUILDING, LOW_VEGETATION, TREE, CAR = range(6)
+KINDS = ("urban", "suburban", "park")
+
+_DENSITY = {  # per megapixel
+    "urban": dict(road_spacing=(110, 170), buildings=260, trees=60, cars=160, lots=40,
+                  clutter=25, curves=1),
+    "suburban": dict(road_spacing=(200, 300), buildings=90, trees=220, cars=40, lots=10,
+                     clutter=20, curves=1),
+    "park": dict(road_spacing=(420, 600), buildings=8, trees=300, cars=4, lots=3,
+                 clutter=15, curves=2),
+}
+
+
+def _smooth_noise(rng, height, width, cell):
+  coarse = rng.random((height // cell + 2, width // cell + 2)).astype(np.float32)
+  ys = np.linspace(0, coarse.shape[0] - 1.001, height)
+  xs = np.linspace(0, coarse.shape[1] - 1.001, width)
+  y0, x0 = ys.astype(int), xs.astype(int)
+  fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+  top = coarse[y0][:, x0] * (1 - fx) + coarse[y0][:, x0 + 1] * fx
+  bottom = coarse[y0 + 1][:, x0] * (1 - fx) + coarse[y0 + 1][:, x0 + 1] * fx
+  return top * (1 - fy) + bottom * fy
+
+
+class _Canvas:
+  def __init__(self, height, width, rng):
+    self.rng = rng
+    self.height, self.width = height, width
+    self.image = np.zeros((height, width, 3), np.float32)
+    self.labels = np.full((height, width), LOW_VEGETATION, np.uint8)
+
+  def paint(self, mask, colour, label, texture=12.0):
+    count = int(mask.sum())
+    if count == 0:
+      return
+    noise = self.rng.normal(0, texture, (count, 1)) + self.rng.normal(0, texture / 3, (count, 3))
+    self.image[mask] = np.asarray(colour, np.float32) + noise
+    if label is not None:
+      self.labels[mask] = label
+
+  def box(self, y0, x0, y1, x1):
+    y0, y1 = max(0, int(y0)), min(self.height, int(y1))
+    x0, x1 = max(0, int(x0)), min(self.width, int(x1))
+    mask = np.zeros((self.height, self.width), bool)
+    if y1 > y0 and x1 > x0:
+      mask[y0:y1, x0:x1] = True
+    return mask
+
+  def disc(self, cy, cx, radius):
+    y0, y1 = max(0, int(cy - radius)), min(self.height, int(cy + radius) + 1)
+    x0, x1 = max(0, int(cx - radius)), min(self.width, int(cx + radius) + 1)
+    mask = np.zeros((self.height, self.width), bool)
+    if y1 > y0 and x1 > x0:
+      yy, xx = np.mgrid[y0:y1, x0:x1]
+      mask[y0:y1, x0:x1] = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+    return mask
+
+
+def generate_scene(height: int, width: int, seed: int, kind: str = "mixed"
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """(image uint8 (H, W, 3), labels uint8 (H, W)) of one scene, the same for the same seed."""
+  rng = np.random.default_rng(seed)
+  if kind == "mixed":
+    kind = KINDS[int(rng.integers(len(KINDS)))]
+  density = _DENSITY[kind]
+  megapixels = height * width / 1e6
+  canvas = _Canvas(height, width, rng)
+
+  # Grass, with large-scale variation in hue and brightness.
+  field = _smooth_noise(rng, height, width, 48)[..., None]
+  grass = np.array([72, 112, 48], np.float32) + field * np.array([40, 45, 20], np.float32)
+  canvas.image[:] = grass + rng.normal(0, 9, (height, width, 3))
+
+  # Bare soil / clutter patches.
+  for _ in range(rng.poisson(density["clutter"] * megapixels) + 1):
+    h, w = rng.integers(12, 50, 2)
+    y, x = rng.integers(0, height), rng.integers(0, width)
+    canvas.paint(canvas.box(y, x, y + h, x + w),
+                 rng.choice([(130, 100, 70), (150, 120, 90), (95, 80, 70)]), CLUTTER, 18)
+
+  # Road grid with lane marks, and curved roads.
+  road_colour = (118, 118, 115)
+  roads = np.zeros((height, width), bool)
+  low, high = density["road_spacing"]
+  for axis in (0, 1):
+    position = int(rng.integers(20, low))
+    extent = height if axis == 0 else width
+    while position < extent:
+      half = int(rng.integers(7, 12))
+      mask = (canvas.box(position - half, 0, position + half, width) if axis == 0 else
+              canvas.box(0, position - half, height, position + half))
+      roads |= mask
+      position += int(rng.integers(low, high))
+  for _ in range(density["curves"]):
+    yy, xx = np.mgrid[0:height, 0:width]
+    amplitude, period = rng.uniform(0.1, 0.3) * height, rng.uniform(0.6, 1.5) * width
+    centre = rng.uniform(0.2, 0.8) * height + amplitude * np.sin(
+        2 * np.pi * xx / period + rng.uniform(0, 6))
+    roads |= np.abs(yy - centre) < rng.integers(6, 10)
+  canvas.paint(roads, road_colour, IMPERVIOUS, 6)
+  marks = roads & canvas.box(0, 0, height, width)
+  dashes = ((np.arange(width)[None, :] // 12) % 3 == 0) & ((np.arange(height)[:, None] // 12) % 3 == 0)
+  canvas.paint(marks & dashes & (rng.random((height, width)) < 0.08), (235, 235, 230),
+               IMPERVIOUS, 4)
+
+  # Paved lots.
+  for _ in range(rng.poisson(density["lots"] * megapixels)):
+    h, w = rng.integers(30, 90, 2)
+    y, x = rng.integers(0, height), rng.integers(0, width)
+    canvas.paint(canvas.box(y, x, y + h, x + w), (150, 148, 140), IMPERVIOUS, 8)
+
+  # Buildings off the roads, with a lit and a shaded roof half and a shadow.
+  roofs = [(170, 70, 55), (140, 60, 50), (200, 200, 205), (85, 85, 95), (110, 95, 80)]
+  for _ in range(rng.poisson(density["buildings"] * megapixels)):
+    h, w = rng.integers(16, 55 if kind == "urban" else 36, 2)
+    y, x = int(rng.integers(0, height)), int(rng.integers(0, width))
+    footprint = canvas.box(y, x, y + h, x + w)
+    if (footprint & roads).any():
+      continue
+    shadow = canvas.box(y + 4, x + 4, y + h + 6, x + w + 6) & ~footprint & ~roads
+    canvas.image[shadow] *= 0.55
+    colour = np.asarray(roofs[int(rng.integers(len(roofs)))], np.float32)
+    canvas.paint(footprint, colour, BUILDING, 6)
+    half = canvas.box(y, x, y + h, x + w // 2)
+    canvas.image[half] *= 0.82
+
+  # Cars on roads.
+  road_pixels = np.argwhere(roads)
+  for _ in range(rng.poisson(density["cars"] * megapixels)):
+    if len(road_pixels) == 0:
+      break
+    cy, cx = road_pixels[int(rng.integers(len(road_pixels)))]
+    h, w = (5, 10) if rng.random() < 0.5 else (10, 5)
+    colour = rng.choice([(200, 30, 30), (30, 30, 160), (230, 230, 230), (20, 20, 20),
+                         (180, 180, 40)])
+    canvas.paint(canvas.box(cy, cx, cy + h, cx + w), colour, CAR, 6)
+
+  # Round, textured tree crowns (over grass, roads and roof edges alike).
+  for _ in range(rng.poisson(density["trees"] * megapixels)):
+    radius = rng.uniform(6, 18)
+    cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+    crown = canvas.disc(cy, cx, radius)
+    canvas.paint(crown, (38, 78, 34), TREE, 14)
+    canvas.image[crown & canvas.disc(cy - radius * 0.3, cx - radius * 0.3, radius * 0.5)] += 18
+
+  return np.clip(canvas.image, 0, 255).astype(np.uint8), canvas.labels
+
+
+def write_scenes(output_dir: str, count: int, height: int, width: int, seed: int = 0,
+                 kind: str = "mixed") -> list[str]:
+  """Writes scene_NNN.png and scene_NNN.labels.png (label ids as pixel values)."""
+  os.makedirs(output_dir, exist_ok=True)
+  paths = []
+  for i in range(count):
+    image, labels = generate_scene(height, width, seed + i, kind)
+    path = os.path.join(output_dir, f"scene_{i:03d}.png")
+    Image.fromarray(image).save(path)
+    Image.fromarray(labels, mode="L").save(os.path.join(output_dir,
+                                                        f"scene_{i:03d}.labels.png"))
+    paths.append(path)
+  return paths
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--output", required=True)
+  parser.add_argument("--count", type=int, default=10)
+  parser.add_argument("--height", type=int, default=512)
+  parser.add_argument("--width", type=int, default=512)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--kind", choices=("mixed",) + KINDS, default="mixed")
+  args = parser.parse_args(argv)
+  for path in write_scenes(args.output, args.count, args.height, args.width, args.seed,
+                           args.kind):
+    print(path)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
