@@ -1,4 +1,4 @@
-# make demo: sample images -> stand-in model -> the job on the local runner -> summary
+# make demo: sample scenes -> the job with the trained demo model -> summary and overlays
 # make test: the whole test suite (what CI runs)
 PYTHON ?= python3.11
 VENV := .venv
@@ -18,13 +18,12 @@ $(STAMP): setup.py
 venv: $(STAMP)
 
 demo: $(STAMP)
-	@rm -rf $(DEMO)/out
+	@rm -rf $(DEMO)
 	$(BIN)/python -m pipeline.make_samples --output $(DEMO)/images
-	@test -f $(DEMO)/model/saved_model.pb || \
-	  $(BIN)/python -m pipeline.export_model --width 16 --depth reduced --output $(DEMO)/model
-	$(BIN)/python -m pipeline --input '$(DEMO)/images/*' --model $(DEMO)/model \
-	  --output $(DEMO)/out/segmentations
+	$(BIN)/python -m pipeline --input '$(DEMO)/images/*' --model models/demo \
+	  --output $(DEMO)/out/segmentations --tile_size 512 --tile_overlap 64
 	$(BIN)/python -m pipeline.show $(DEMO)/out/segmentations
+	$(BIN)/python -m pipeline.render $(DEMO)/out/segmentations --out $(DEMO)/out/overlays
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

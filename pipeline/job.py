@@ -114,12 +114,12 @@ def run(argv=None, test_pipeline=None) -> RunSummary:
   build_pipeline(p, cfg)
   logger.info("Run %s: rows to %s-*.parquet, errors to %s-*.jsonl", cfg.run_id, cfg.output,
               cfg.errors_output)
-  failure, exit_status, values = "", EXIT_OK, {}
   if options.view_as(TestOptions).dry_run:
     result = p.run()
     print(f"hrnet-beam dry run: job translated for {options.view_as(StandardOptions).runner}, "
           "not submitted", flush=True)
     return RunSummary(0, 0, 0, 0, "dry_run", "", EXIT_OK, {}, getattr(result, "job", None))
+  failure, exit_status, values = "", EXIT_OK, {}
   try:
     result = p.run()
     result.wait_until_finish()
