@@ -25,6 +25,7 @@ def stand_in_labels(num_classes: int) -> dict:
       labels_lib.generic_labels(num_classes))
   data = chosen.to_json()
   data["note"] = STAND_IN_NOTE
+  data["channel_mapping"] = "rgb"  # random weights: no training preprocessing to mimic
   return data
 
 

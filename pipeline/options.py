@@ -15,7 +15,7 @@ from transforms import labels as labels_lib
 from transforms.config import (OUTPUT_FEATURES, OUTPUT_MASKS, DecodeConfig, InferenceConfig,
                                ModelConfig, TilingConfig)
 from transforms.model_handler import DEFAULT_CACHE_DIR, ModelLoadError, inspect_model
-from transforms.tiling import ALIGNMENT
+from transforms.tiling import ALIGNMENT, parse_channel_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,11 @@ class HRNetOptions(PipelineOptions):
         help="JSON labels file (class names and palette, one entry per model output). "
              "Default: labels.json in the model directory, else the packaged file for a "
              "known TF Hub handle, else generic names.")
+    parser.add_argument(
+        "--channel_mapping", default=None,
+        help="How decoded RGB becomes the model's input: rgb, rg_mean (R, G, (R+G)/2: "
+             "how the ISPRS model was trained), irg (IR-R-G images), or band indices like "
+             "'2,1,0'. Default: the labels file's channel_mapping, else rgb.")
     parser.add_argument(
         "--model_cache_dir", default=DEFAULT_CACHE_DIR,
         help="Where workers copy a gs:// model before loading it (once per machine).")
@@ -255,8 +260,12 @@ def job_config_from_options(options: HRNetOptions) -> JobConfig:
   if info.num_classes > 255:
     raise ConfigError(f"model outputs {info.num_classes} classes; masks are 8-bit PNGs "
                       "and hold at most 255")
+  try:
+    mapping = parse_channel_mapping(options.channel_mapping or labels.channel_mapping or "rgb")
+  except ValueError as e:
+    raise ConfigError(f"--channel_mapping: {e}") from e
   model = ModelConfig(options.model, labels, info.feature_dim, info.has_fused_function,
-                      options.model_cache_dir)
+                      options.model_cache_dir, mapping)
   inference = InferenceConfig(
       outputs=outputs, min_batch_size=1,
       max_batch_size=max(options.batch_size, options.model_batch_size),

@@ -94,6 +94,7 @@ def train(output_dir: str, seconds: float, seed: int = 0, batch_size: int = 8,
                 labels_lib.packaged_labels("isprs").class_names, ious)}}
   labels = labels_lib.packaged_labels("isprs").to_json()
   labels["note"] = DEMO_NOTE
+  labels["channel_mapping"] = "rgb"  # trained on the scenes' RGB as they are
   labels["training"] = report
   hrnet.export_saved_model(lambda images: model(images, training=False),
                            hrnet.keras_variables(model), output_dir, labels=labels)

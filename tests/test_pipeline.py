@@ -1,5 +1,6 @@
 """The whole job on the local runner: real files in, real Parquet and JSON lines out."""
 import json
+from pathlib import Path
 import re
 import logging
 import os
@@ -262,3 +263,32 @@ def test_model_loads_once_per_process_or_once_per_machine_when_shared(
   assert summary.metrics["load_model_latency_milli_secs.count"] == loads
   if share:
     assert len(summary.metrics["model_load_ids"]) == 1
+
+
+def test_channel_mapping_comes_from_the_labels_file_and_the_flag(pixel_local_model, tmp_path):
+  image = textured_image(64, 96, 5)
+  image[:, :, :2] &= 0xFE  # R + G even: the mapped image is exact in uint8
+  mapped = image.copy()
+  mapped[:, :, 2] = (image[:, :, 0].astype(int) + image[:, :, 1]) // 2
+  save_image(tmp_path / "original.png", image)
+  save_image(tmp_path / "mapped.png", mapped)
+  labels = json.loads((Path(pixel_local_model) / "labels.json").read_text())
+  labels["channel_mapping"] = "rg_mean"
+  (tmp_path / "labels.json").write_text(json.dumps(labels))
+  run_job("--input", tmp_path / "original.png", "--output", tmp_path / "a" / "rows",
+          "--model", pixel_local_model, "--labels_file", tmp_path / "labels.json")
+  run_job("--input", tmp_path / "mapped.png", "--output", tmp_path / "b" / "rows",
+          "--model", pixel_local_model)
+  run_job("--input", tmp_path / "original.png", "--output", tmp_path / "c" / "rows",
+          "--model", pixel_local_model, "--labels_file", tmp_path / "labels.json",
+          "--channel_mapping", "rgb")
+  by_file = {}
+  for name in "abc":
+    by_file[name] = next(iter(read_rows(tmp_path / name / "rows").values()))
+  np.testing.assert_array_equal(by_file["a"]["mask"], by_file["b"]["mask"])
+  assert not np.array_equal(by_file["a"]["mask"], by_file["c"]["mask"])
+  files = list((tmp_path / "a").glob("*.parquet"))
+  assert pq.read_schema(files[0]).metadata[b"hrnet_beam.channel_mapping"] == b"rg_mean"
+  _expect_config_error("channel mapping 'bgr'", "--input", tmp_path / "original.png",
+                       "--output", tmp_path / "d", "--model", pixel_local_model,
+                       "--channel_mapping", "bgr")

@@ -122,3 +122,15 @@ def test_to_unit_float_scales_by_dtype_range():
                              [0, 1, 32768 / 65535])
   with pytest.raises(TypeError):
     tiling.to_unit_float(np.array([0.5], np.float32))
+
+
+def test_channel_mappings():
+  unit = np.array([[[0.2, 0.6, 0.9]]], np.float32)
+  np.testing.assert_array_equal(tiling.map_channels(unit, "rgb"), unit)
+  np.testing.assert_allclose(tiling.map_channels(unit, "rg_mean"), [[[0.2, 0.6, 0.4]]])
+  np.testing.assert_allclose(tiling.map_channels(unit, "irg"), [[[0.6, 0.9, 0.75]]])
+  np.testing.assert_array_equal(tiling.map_channels(unit, "2,1,0"), unit[..., ::-1])
+  assert tiling.parse_channel_mapping(" 2, 0,1".strip()) == "2,0,1"
+  for bad in ("bgr", "0,1", "0,1,3"):
+    with pytest.raises(ValueError, match="channel mapping"):
+      tiling.parse_channel_mapping(bad)

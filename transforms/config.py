@@ -32,6 +32,7 @@ class ModelConfig:
   feature_dim: int
   has_fused_function: bool
   cache_dir: str
+  channel_mapping: str = "rgb"   # how decoded RGB becomes the model's input (tiling.py)
 
   @property
   def num_classes(self) -> int:

@@ -23,15 +23,19 @@ class LabelSet:
   class_names: tuple
   palette: tuple  # ((r, g, b), ...), one per class
   note: str = ""
+  channel_mapping: Optional[str] = None  # the model's preprocessing, when the file says
 
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
 
   def to_json(self) -> dict:
-    return {"name": self.name, "note": self.note,
+    data = {"name": self.name, "note": self.note,
             "classes": [{"name": n, "color": list(c)}
                         for n, c in zip(self.class_names, self.palette)]}
+    if self.channel_mapping is not None:
+      data["channel_mapping"] = self.channel_mapping
+    return data
 
 
 def parse_labels(data: dict, source: str) -> LabelSet:
@@ -44,8 +48,9 @@ def parse_labels(data: dict, source: str) -> LabelSet:
                      '{"classes": [{"name": ..., "color": [r, g, b]}, ...]}') from e
   if not names or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in palette):
     raise ValueError(f"labels file {source}: needs classes with [r, g, b] colours in 0..255")
+  mapping = data.get("channel_mapping")
   return LabelSet(str(data.get("name", os.path.basename(source))), names, palette,
-                  str(data.get("note", "")))
+                  str(data.get("note", "")), None if mapping is None else str(mapping))
 
 
 def read_labels(path: str) -> LabelSet:

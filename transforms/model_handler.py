@@ -22,7 +22,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.config import InferenceConfig, ModelConfig
-from transforms.tiling import feature_stride, own_box_in_tile, pooled_feature_sum, to_unit_float
+from transforms.tiling import (feature_stride, map_channels, own_box_in_tile,
+                               pooled_feature_sum, to_unit_float)
 from transforms.types import Tile, TileResult
 
 logger = logging.getLogger(__name__)
@@ -314,7 +315,7 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
   def _infer(self, tiles: list, model: LoadedHRNet) -> list:
     images = np.zeros((self._call_size, self._tile_size, self._tile_size, 3), np.float32)
     for i, tile in enumerate(tiles):
-      images[i] = to_unit_float(tile.pixels)
+      images[i] = map_channels(to_unit_float(tile.pixels), self._model_config.channel_mapping)
     class_ids, features = model.infer(images, self._inference.want_masks,
                                       self._inference.want_features)
     stride = feature_stride(self._tile_size, features.shape[1]) if features is not None else 0

@@ -114,3 +114,32 @@ def to_unit_float(pixels: np.ndarray) -> np.ndarray:
   if pixels.dtype == np.uint16:
     return pixels.astype(np.float32) * np.float32(1 / 65535)
   raise TypeError(f"expected uint8 or uint16 pixels, got {pixels.dtype}")
+
+
+CHANNEL_MAPPINGS = ("rgb", "rg_mean", "irg")
+
+
+def parse_channel_mapping(text: str) -> str:
+  """Checks a mapping: a name of CHANNEL_MAPPINGS, or three band indices like '2,1,0'."""
+  if text in CHANNEL_MAPPINGS:
+    return text
+  parts = text.split(",")
+  if len(parts) == 3 and all(p.strip().isdigit() and int(p) < 3 for p in parts):
+    return ",".join(p.strip() for p in parts)
+  raise ValueError(f"channel mapping {text!r}: use one of {', '.join(CHANNEL_MAPPINGS)} or "
+                   "three band indices below 3, e.g. '2,1,0'")
+
+
+def map_channels(unit: np.ndarray, mapping: str) -> np.ndarray:
+  """The model's input channels from decoded (..., 3) floats in [0, 1].
+
+  rgb: unchanged. rg_mean: (R, G, (R+G)/2), the ISPRS models' training input.
+  irg: an IR-R-G image (Vaihingen) to (R, G, (R+G)/2). 'i,j,k': those bands, in order.
+  """
+  if mapping == "rgb":
+    return unit
+  if mapping in ("rg_mean", "irg"):
+    red, green = (unit[..., 0], unit[..., 1]) if mapping == "rg_mean" else (
+        unit[..., 1], unit[..., 2])
+    return np.stack([red, green, (red + green) * np.float32(0.5)], axis=-1)
+  return unit[..., [int(i) for i in mapping.split(",")]]

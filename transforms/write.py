@@ -44,6 +44,7 @@ def segmentation_schema(model: ModelConfig, tiling: TilingConfig,
       "hrnet_beam.tile_size": str(tiling.tile_size),
       "hrnet_beam.tile_overlap": str(tiling.tile_overlap),
       "hrnet_beam.outputs": ",".join(inference.outputs),
+      "hrnet_beam.channel_mapping": model.channel_mapping,
   }
   return pa.schema(_FIELDS, metadata=metadata)
 
