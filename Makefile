@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 DEMO := demo-output
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test bench bench-quick clean
 
 $(STAMP): setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The full benchmark (HRNetV2-W48; tens of minutes on 2 cores) and its CI smoke version.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run --report bench-report.json
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.run --quick --report bench-report-quick.json
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info .pytest_cache

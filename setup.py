@@ -20,9 +20,9 @@ setuptools.setup(
     version="0.1.0",
     description="Apache Beam pipelines that run HRNetV2 segmentation models over images in bulk",
     python_requires=">=3.11,<3.12",
-    packages=["pipeline", "transforms"],
+    packages=["pipeline", "transforms", "benchmarks"],
     package_data={"transforms": ["model_labels/*.json"]},
     install_requires=REQUIRED,
     extras_require={"test": ["pytest==9.2.0", "hypothesis==6.170.15",
-                             "gcp-storage-emulator==2026.7.19"]},
+                             "gcp-storage-emulator==2026.7.19", "pandas==3.1.1"]},
 )

@@ -1,0 +1,179 @@
+"""Benchmark: the pipeline against the bare model loop and a naive script, in one run.
+
+    python -m benchmarks.run [--quick] [--report bench-report.json]
+
+Generates its own aerial-looking images, exports the stand-in model once, then measures
+on the same inputs, each mode in its own process (so peak RSS is its own):
+- limit: pre-decoded, pre-tiled tiles through the fused function, no I/O, at the best
+  model batch size tried;
+- pipeline: this project end to end on the local runner, files to Parquet;
+- naive: hub.load, then per image predict and get_features on the whole image, and
+  pandas.DataFrame.to_parquet.
+Full mode uses HRNetV2-W48 (for people: tens of minutes on 2 cores); --quick uses a
+reduced W8 on small images (a couple of minutes, for CI).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+TILE, OVERLAP = 512, 64
+
+
+def _peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _images(directory: str, quick: bool, count: int, big: int) -> list:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from pipeline.scenes import generate_scene  # pylint: disable=import-outside-toplevel
+  sizes = ([(512, 512)] * 4 + [(1100, 1100)] if quick else
+           [(1024, 1024)] * count + [(3000, 3000)] * big)
+  os.makedirs(directory, exist_ok=True)
+  paths = []
+  for i, (height, width) in enumerate(sizes):
+    path = os.path.join(directory, f"image_{i:03d}.png")
+    if not os.path.exists(path):
+      Image.fromarray(generate_scene(height, width, 9000 + i)[0]).save(path)
+    paths.append(path)
+  return paths
+
+
+def _model(directory: str, quick: bool) -> str:
+  from pipeline import hrnet  # pylint: disable=import-outside-toplevel
+  path = os.path.join(directory, "model-w8-reduced" if quick else "model-w48")
+  if not os.path.exists(os.path.join(path, "saved_model.pb")):
+    spec = hrnet.HRNetSpec.reduced(8, 7) if quick else hrnet.HRNetSpec(48, 7)
+    hrnet.export_hrnet(spec, path)
+  return path
+
+
+def mode_limit(model: str, images: list) -> dict:
+  """The bare model loop: tiles decoded and cut beforehand, only inference timed."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from transforms.decode import decode_image  # pylint: disable=import-outside-toplevel
+  from transforms.model_handler import load_hrnet  # pylint: disable=import-outside-toplevel
+  from transforms.tiling import cut_tile, tile_grid, to_unit_float  # pylint: disable=import-outside-toplevel
+  tiles = []
+  for path in images:
+    with open(path, "rb") as f:
+      pixels = decode_image(f.read(), 10**9)
+    tiles += [to_unit_float(cut_tile(pixels, spec, TILE))
+              for spec in tile_grid(*pixels.shape[:2], TILE, OVERLAP)]
+  stack = np.stack(tiles)
+  del tiles
+  model = load_hrnet(model)
+  best = None
+  for batch in (1, 2):
+    model.infer(stack[:batch], True, True)  # trace outside the timing
+    started = time.perf_counter()
+    for start in range(0, len(stack), batch):
+      model.infer(stack[start:start + batch], True, True)
+    seconds = time.perf_counter() - started
+    if best is None or seconds < best["seconds"]:
+      best = {"seconds": seconds, "batch_size": batch}
+  return {**best, "tiles": len(stack), "images": len(images)}
+
+
+def mode_pipeline(model: str, images: list, workdir: str) -> dict:
+  from pipeline.job import run  # pylint: disable=import-outside-toplevel
+  directory = os.path.dirname(images[0])
+  started = time.perf_counter()
+  summary = run(["--input", os.path.join(directory, "*.png"), "--output",
+                 os.path.join(workdir, "pipeline-out", "rows"), "--model", model,
+                 "--tile_size", str(TILE), "--tile_overlap", str(OVERLAP)])
+  seconds = time.perf_counter() - started
+  assert summary.rows == len(images), summary
+  return {"seconds": seconds, "tiles": summary.metrics["tiles"], "images": summary.rows}
+
+
+def mode_naive(model: str, images: list, workdir: str) -> dict:
+  """What a user writes by hand: whole images, two model calls, pandas to Parquet."""
+  # pylint: disable=import-outside-toplevel
+  import numpy as np
+  import pandas as pd
+  import tensorflow as tf
+  import tensorflow_hub as hub
+  from PIL import Image
+  started = time.perf_counter()
+  module = hub.load(model)
+  records = []
+  for path in images:
+    image = tf.constant(np.asarray(Image.open(path).convert("RGB"), np.float32)[None] / 255)
+    predictions = module.predict(image)
+    features = module.get_features(image)
+    mask = np.argmax(predictions.numpy()[0], axis=-1).astype(np.uint8)
+    records.append({"image": path, "mask": mask.tobytes(), "height": mask.shape[0],
+                    "width": mask.shape[1],
+                    "features": features.numpy()[0].mean(axis=(0, 1)).tolist()})
+  pd.DataFrame(records).to_parquet(os.path.join(workdir, "naive.parquet"))
+  return {"seconds": time.perf_counter() - started, "images": len(images)}
+
+
+def _run_mode(mode: str, args) -> dict:
+  command = [sys.executable, "-m", "benchmarks.run", "--mode", mode, "--workdir",
+             args.workdir, "--count", str(args.count), "--big", str(args.big)] + (
+                 ["--quick"] if args.quick else [])
+  output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+  return json.loads(output.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--report", default="bench-report.json")
+  parser.add_argument("--count", type=int, default=24, help="1024x1024 images (full mode)")
+  parser.add_argument("--big", type=int, default=2, help="3000x3000 images (full mode)")
+  parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(),
+                                                        "hrnet-beam-bench"))
+  parser.add_argument("--mode", choices=("limit", "pipeline", "naive"), default=None,
+                      help=argparse.SUPPRESS)  # one measurement, in a child process
+  args = parser.parse_args(argv)
+  images = _images(os.path.join(args.workdir, "images-quick" if args.quick else
+                                f"images-{args.count}-{args.big}"),
+                   args.quick, args.count, args.big)
+  model = _model(args.workdir, args.quick)
+  if args.mode:
+    result = {"limit": lambda: mode_limit(model, images),
+              "pipeline": lambda: mode_pipeline(model, images, args.workdir),
+              "naive": lambda: mode_naive(model, images, args.workdir)}[args.mode]()
+    result["peak_rss_bytes"] = _peak_rss_bytes()
+    print(json.dumps(result))
+    return 0
+  results = {mode: _run_mode(mode, args) for mode in ("limit", "pipeline", "naive")}
+  for result in results.values():
+    result["images_per_s"] = result["images"] / result["seconds"]
+    if "tiles" in result:
+      result["tiles_per_s"] = result["tiles"] / result["seconds"]
+  report = {
+      "mode": "quick (reduced W8)" if args.quick else "full (W48)",
+      "images": [len(images), "quick set" if args.quick else f"{args.count} x 1024^2 + "
+                 f"{args.big} x 3000^2"],
+      "tile_size": TILE, "tile_overlap": OVERLAP, "results": results,
+      "pipeline_over_limit": results["pipeline"]["tiles_per_s"] /
+                             results["limit"]["tiles_per_s"],
+      "pipeline_over_naive": results["pipeline"]["images_per_s"] /
+                             results["naive"]["images_per_s"],
+      "pipeline_peak_rss_bytes": results["pipeline"]["peak_rss_bytes"],
+  }
+  print(f"{'mode':10}{'seconds':>10}{'tiles/s':>10}{'images/s':>10}{'peak RSS':>12}")
+  for mode, result in results.items():
+    tiles = f"{result['tiles_per_s']:.2f}" if "tiles_per_s" in result else "-"
+    print(f"{mode:10}{result['seconds']:>10.1f}{tiles:>10}{result['images_per_s']:>10.2f}"
+          f"{result['peak_rss_bytes'] / 2**30:>10.2f} GiB")
+  print(f"pipeline/limit (tiles/s): {report['pipeline_over_limit']:.2f}   "
+        f"pipeline/naive (images/s): {report['pipeline_over_naive']:.2f}")
+  with open(args.report, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+  print(f"Report: {args.report}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
