@@ -27,7 +27,13 @@ TILE, OVERLAP = 512, 64
 
 
 def _peak_rss_bytes() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+  """This process's own peak RSS. (ru_maxrss survives fork and exec on Linux, so a child
+  would report its parent's peak, here the W48 export's.)"""
+  with open("/proc/self/status", encoding="utf-8") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _images(directory: str, quick: bool, count: int, big: int) -> list:

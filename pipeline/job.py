@@ -7,12 +7,12 @@ import sys
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import (PipelineOptions, StandardOptions,
-                                                  TestOptions)
+from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,
+                                                  StandardOptions, TestOptions)
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.options import HRNetOptions, job_config_from_options
-from transforms.model_handler import METRICS_NAMESPACE
+from transforms.model_handler import METRICS_NAMESPACE, release_preloaded
 from transforms.read import ReadImages
 from transforms.segment import SegmentImages
 from transforms.write import WriteErrors, WriteSegmentations, segmentation_schema
@@ -101,7 +101,19 @@ def run(argv=None, test_pipeline=None) -> RunSummary:
   Raises ConfigError before anything is launched when a flag, pattern or model is wrong.
   """
   options = PipelineOptions(argv)
-  cfg = job_config_from_options(options.view_as(HRNetOptions))
+  direct = options.view_as(DirectOptions)
+  in_this_process = (test_pipeline is None and
+                     options.view_as(StandardOptions).runner in LOCAL_RUNNER_NAMES and
+                     direct.direct_running_mode in (None, "in_memory"))
+  try:
+    cfg = job_config_from_options(options.view_as(HRNetOptions),
+                                  keep_model_for_local_worker=in_this_process)
+    return _run(options, cfg, test_pipeline)
+  finally:
+    release_preloaded()
+
+
+def _run(options: PipelineOptions, cfg: JobConfig, test_pipeline) -> RunSummary:
   logger.info("Model %s: %d classes (%s), %d feature channels, fused function: %s",
               cfg.model.handle, cfg.model.num_classes, cfg.model.labels.name,
               cfg.model.feature_dim, cfg.model.has_fused_function)

@@ -227,7 +227,8 @@ def _asks_for_gpu(options: HRNetOptions) -> bool:
   return options.require_gpu or any("worker_accelerator" in o for o in service_options)
 
 
-def job_config_from_options(options: HRNetOptions) -> JobConfig:
+def job_config_from_options(options: HRNetOptions,
+                            keep_model_for_local_worker: bool = False) -> JobConfig:
   """Checks every flag, the inputs and the model; raises ConfigError saying what to fix."""
   if not options.input:
     raise ConfigError("--input is required: a file pattern such as 'images/*.png' or "
@@ -248,7 +249,7 @@ def job_config_from_options(options: HRNetOptions) -> JobConfig:
   _check_writable(rows_prefix, run_id)
   _check_writable(errors_prefix, run_id)
   try:
-    info = inspect_model(options.model, options.model_cache_dir)
+    info = inspect_model(options.model, options.model_cache_dir, keep_model_for_local_worker)
   except ModelLoadError as e:
     raise ConfigError(str(e)) from e
   labels = _resolve_labels(options, info.local_dir) or labels_lib.generic_labels(

@@ -190,10 +190,23 @@ def prepare_devices(require_gpu: bool) -> list:
   return gpus
 
 
+# A model loaded by the pre-launch check, kept for a worker running in the same process
+# (the local runner, in memory) so it is not loaded twice; see keep_for_local_worker.
+_PRELOADED: dict = {}
+
+
+def release_preloaded() -> None:
+  _PRELOADED.clear()
+
+
 def load_hrnet(handle: str, cache_dir: str = DEFAULT_CACHE_DIR,
                require_gpu: bool = False) -> LoadedHRNet:
   """Loads the model or raises ModelLoadError naming it, the cause and how to stage it."""
   prepare_devices(require_gpu)
+  preloaded = _PRELOADED.pop((handle, cache_dir), None)
+  if preloaded is not None:
+    logger.info("Using the model %s loaded by the pre-launch check", handle)
+    return preloaded
   try:
     local_dir = resolve_model_dir(handle, cache_dir)
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -218,13 +231,20 @@ class ModelInfo:
   local_dir: str
 
 
-def inspect_model(handle: str, cache_dir: str = DEFAULT_CACHE_DIR) -> ModelInfo:
-  """Loads the model once, before launch, and reports what the pipeline needs to know."""
+def inspect_model(handle: str, cache_dir: str = DEFAULT_CACHE_DIR,
+                  keep_for_local_worker: bool = False) -> ModelInfo:
+  """Loads the model once, before launch, and reports what the pipeline needs to know.
+
+  With keep_for_local_worker, the loaded model is handed to the first load_hrnet of the
+  same handle in this process (a worker of the in-memory local runner).
+  """
   model = load_hrnet(handle, cache_dir)
   num_classes, feature_dim, cells = model.probe()
   if cells * 4 != 64:
     raise ModelLoadError(f"{handle}: get_features returned {cells} cells for 64 pixels; "
                          "HRNet features are at 1/4 resolution")
+  if keep_for_local_worker:
+    _PRELOADED[(handle, cache_dir)] = model
   return ModelInfo(num_classes, feature_dim, model.has_fused_function, model.local_dir)
 
 
