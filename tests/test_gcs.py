@@ -10,6 +10,7 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from pipeline.config import ConfigError
+from pipeline.stage_model import stage_model
 
 from conftest import read_errors, run_job, textured_image
 
@@ -18,14 +19,6 @@ def _upload(path: str, data: bytes) -> None:
   """Stores the bytes as they are (FileSystems would gzip again a path ending in .gz)."""
   with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
     f.write(data)
-
-
-def _upload_dir(local: str, remote: str) -> None:
-  for root, _, files in os.walk(local):
-    for name in files:
-      source = os.path.join(root, name)
-      with open(source, "rb") as f:
-        _upload(f"{remote}/{os.path.relpath(source, local)}", f.read())
 
 
 def _png(image) -> bytes:
@@ -59,7 +52,7 @@ def _stage_inputs(bucket, count=6):
 
 def test_whole_job_in_buckets_with_storage_faults(gcs, bucket, tiny_model, tmp_path):
   sources = _stage_inputs(bucket)
-  _upload_dir(tiny_model, f"{bucket}/models/tiny")
+  stage_model(tiny_model, f"{bucket}/models/tiny")
   gcs.proxy.set_faults(fraction=0.25, max_faults=40, seed=3)
   try:
     summary = run_job("--input", f"{bucket}/images/*.png", "--output", f"{bucket}/out/rows",
