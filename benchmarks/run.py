@@ -9,6 +9,9 @@ on the same inputs, each mode in its own process (so peak RSS is its own):
 - pipeline: this project end to end on the local runner, files to Parquet;
 - naive: hub.load, then per image predict and get_features on the whole image, and
   pandas.DataFrame.to_parquet.
+With --precisions bfloat16 (the default) or float16, limit and pipeline run again at that
+precision where the hardware has it, beside float32, with the agreement measured by
+pipeline.compare_precision; where it lacks it, the report says why instead.
 Full mode uses HRNetV2-W48 (for people: tens of minutes on 2 cores); --quick uses a
 reduced W8 on small images (a couple of minutes, for CI).
 """
@@ -60,7 +63,7 @@ def _model(directory: str, quick: bool) -> str:
   return path
 
 
-def mode_limit(model: str, images: list) -> dict:
+def mode_limit(model: str, images: list, precision: str = "float32") -> dict:
   """The bare model loop: tiles decoded and cut beforehand, only inference timed."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from transforms.decode import decode_image  # pylint: disable=import-outside-toplevel
@@ -74,7 +77,7 @@ def mode_limit(model: str, images: list) -> dict:
               for spec in tile_grid(*pixels.shape[:2], TILE, OVERLAP)]
   stack = np.stack(tiles)
   del tiles
-  model = load_hrnet(model)
+  model = load_hrnet(model, precision=precision, precision_fallback="fail")
   best = None
   for batch in (1, 2):
     model.infer(stack[:batch], True, True)  # trace outside the timing
@@ -87,13 +90,14 @@ def mode_limit(model: str, images: list) -> dict:
   return {**best, "tiles": len(stack), "images": len(images)}
 
 
-def mode_pipeline(model: str, images: list, workdir: str) -> dict:
+def mode_pipeline(model: str, images: list, workdir: str, precision: str = "float32") -> dict:
   from pipeline.job import run  # pylint: disable=import-outside-toplevel
   directory = os.path.dirname(images[0])
   started = time.perf_counter()
   summary = run(["--input", os.path.join(directory, "*.png"), "--output",
                  os.path.join(workdir, "pipeline-out", "rows"), "--model", model,
-                 "--tile_size", str(TILE), "--tile_overlap", str(OVERLAP)])
+                 "--tile_size", str(TILE), "--tile_overlap", str(OVERLAP),
+                 "--precision", precision, "--precision_fallback", "fail"])
   seconds = time.perf_counter() - started
   assert summary.rows == len(images), summary
   return {"seconds": seconds, "tiles": summary.metrics["tiles"], "images": summary.rows}
@@ -122,12 +126,56 @@ def mode_naive(model: str, images: list, workdir: str) -> dict:
   return {"seconds": time.perf_counter() - started, "images": len(images)}
 
 
-def _run_mode(mode: str, args) -> dict:
+def _run_mode(mode: str, args, precision: str = "float32") -> dict:
   command = [sys.executable, "-m", "benchmarks.run", "--mode", mode, "--workdir",
-             args.workdir, "--count", str(args.count), "--big", str(args.big)] + (
-                 ["--quick"] if args.quick else [])
+             args.workdir, "--count", str(args.count), "--big", str(args.big),
+             "--precision", precision] + (["--quick"] if args.quick else [])
   output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
   return json.loads(output.strip().splitlines()[-1])
+
+
+def _precisions(args, model: str, images: list, float32_results: dict) -> dict:
+  """Limit and pipeline at each lower precision, against the float32 limit, with the
+  agreement beside them; or why this machine cannot run it."""
+  # pylint: disable=import-outside-toplevel
+  from pipeline import compare_precision
+  from transforms.precision import (gpu_compute_capabilities, read_cpu_flags,
+                                    unsupported_reason)
+  from transforms.tiling import to_unit_float, cut_tile, tile_grid
+  from transforms.decode import decode_image
+  import numpy as np
+  reports = {}
+  limit32 = float32_results["limit"]["tiles_per_s"]
+  for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
+    reason = unsupported_reason(precision, read_cpu_flags(), gpu_compute_capabilities())
+    if reason is not None:
+      reports[precision] = {"unsupported": reason}
+      print(f"{precision}: not measured on this machine: {reason}")
+      continue
+    limit = _run_mode("limit", args, precision)
+    pipeline = _run_mode("pipeline", args, precision)
+    with open(images[0], "rb") as f:
+      pixels = decode_image(f.read(), 10**9)
+    tiles = np.stack([to_unit_float(cut_tile(pixels, spec, TILE))
+                      for spec in tile_grid(*pixels.shape[:2], TILE, OVERLAP)][:8])
+    agreement = compare_precision.compare(model, precision, tiles, None)
+    entry = {
+        "limit_tiles_per_s": limit["tiles"] / limit["seconds"],
+        "pipeline_tiles_per_s": pipeline["tiles"] / pipeline["seconds"],
+        "pipeline_peak_rss_bytes": pipeline["peak_rss_bytes"],
+        "agreement": {k: agreement[k] for k in ("pixel_agreement", "feature_cosine_mean",
+                                                "feature_cosine_min", "iou_per_class")},
+    }
+    entry["limit_over_float32_limit"] = entry["limit_tiles_per_s"] / limit32
+    entry["pipeline_over_float32_limit"] = entry["pipeline_tiles_per_s"] / limit32
+    reports[precision] = entry
+    print(f"{precision:10}limit {entry['limit_tiles_per_s']:.2f} tiles/s "
+          f"(x{entry['limit_over_float32_limit']:.2f} float32 limit), pipeline "
+          f"{entry['pipeline_tiles_per_s']:.2f} tiles/s "
+          f"(x{entry['pipeline_over_float32_limit']:.2f}); argmax agreement "
+          f"{agreement['pixel_agreement']:.2%}, feature cosine "
+          f"{agreement['feature_cosine_mean']:.5f}")
+  return reports
 
 
 def main(argv=None) -> int:
@@ -138,16 +186,19 @@ def main(argv=None) -> int:
   parser.add_argument("--big", type=int, default=2, help="3000x3000 images (full mode)")
   parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(),
                                                         "hrnet-beam-bench"))
+  parser.add_argument("--precisions", default="bfloat16",
+                      help="Comma-separated precisions measured beside float32 ('' for none)")
   parser.add_argument("--mode", choices=("limit", "pipeline", "naive"), default=None,
                       help=argparse.SUPPRESS)  # one measurement, in a child process
+  parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   images = _images(os.path.join(args.workdir, "images-quick" if args.quick else
                                 f"images-{args.count}-{args.big}"),
                    args.quick, args.count, args.big)
   model = _model(args.workdir, args.quick)
   if args.mode:
-    result = {"limit": lambda: mode_limit(model, images),
-              "pipeline": lambda: mode_pipeline(model, images, args.workdir),
+    result = {"limit": lambda: mode_limit(model, images, args.precision),
+              "pipeline": lambda: mode_pipeline(model, images, args.workdir, args.precision),
               "naive": lambda: mode_naive(model, images, args.workdir)}[args.mode]()
     result["peak_rss_bytes"] = _peak_rss_bytes()
     print(json.dumps(result))
@@ -175,6 +226,7 @@ def main(argv=None) -> int:
           f"{result['peak_rss_bytes'] / 2**30:>10.2f} GiB")
   print(f"pipeline/limit (tiles/s): {report['pipeline_over_limit']:.2f}   "
         f"pipeline/naive (images/s): {report['pipeline_over_naive']:.2f}")
+  report["precisions"] = _precisions(args, model, images, results)
   with open(args.report, "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
   print(f"Report: {args.report}")

@@ -7,11 +7,12 @@ import sys
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,
-                                                  StandardOptions, TestOptions)
+from apache_beam.options.pipeline_options import (PipelineOptions, StandardOptions,
+                                                  TestOptions)
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.options import HRNetOptions, job_config_from_options
+from pipeline.options import (LOCAL_RUNNER_NAMES, HRNetOptions, job_config_from_options,
+                              runs_in_this_process)
 from transforms.model_handler import METRICS_NAMESPACE, release_preloaded
 from transforms.read import ReadImages
 from transforms.segment import SegmentImages
@@ -76,9 +77,6 @@ def _counter_values(result) -> dict:
   return values
 
 
-LOCAL_RUNNER_NAMES = (None, "DirectRunner", "SwitchingDirectRunner")
-
-
 def local_runner(options: PipelineOptions):
   """Beam's FnApiRunner, set up as the DirectRunner sets it up for batch pipelines.
 
@@ -101,10 +99,7 @@ def run(argv=None, test_pipeline=None) -> RunSummary:
   Raises ConfigError before anything is launched when a flag, pattern or model is wrong.
   """
   options = PipelineOptions(argv)
-  direct = options.view_as(DirectOptions)
-  in_this_process = (test_pipeline is None and
-                     options.view_as(StandardOptions).runner in LOCAL_RUNNER_NAMES and
-                     direct.direct_running_mode in (None, "in_memory"))
+  in_this_process = test_pipeline is None and runs_in_this_process(options)
   try:
     cfg = job_config_from_options(options.view_as(HRNetOptions),
                                   keep_model_for_local_worker=in_this_process)

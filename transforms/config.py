@@ -33,6 +33,8 @@ class ModelConfig:
   has_fused_function: bool
   cache_dir: str
   channel_mapping: str = "rgb"   # how decoded RGB becomes the model's input (tiling.py)
+  precision: str = "float32"     # float32, bfloat16 or float16 (precision.py)
+  precision_fallback: str = "float32"   # where unsupported: run float32, or "fail"
 
   @property
   def num_classes(self) -> int:

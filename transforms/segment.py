@@ -48,8 +48,10 @@ def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model_handl
   if inference.want_features:
     total = np.sum([p.feature_sum for p in parts], axis=0)
     pooled = (total / (image.height * image.width)).astype(np.float32).tolist()
+  # Tiles of one image could meet models of different precision on a mixed fleet.
+  precision = "+".join(sorted({p.precision for p in parts}))
   return Segmentation(image.image_id, image.source, image.height, image.width, mask_png,
-                      class_counts, pooled, model_handle)
+                      class_counts, pooled, model_handle, precision)
 
 
 class _TileFn(beam.DoFn):

@@ -64,6 +64,7 @@ class TileResult:
   class_ids: Optional[np.ndarray] = None      # (own_h, own_w) uint8
   feature_sum: Optional[np.ndarray] = None    # (feature_dim,) float64, summed over own pixels
   error: Optional[str] = None
+  precision: str = "float32"                   # what the model really ran at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Segmentation:
   class_counts: Optional[list]
   pooled_features: Optional[list]
   model: str
+  precision: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ _FIELDS = [
     pa.field("class_counts", pa.list_(pa.int64())),
     pa.field("pooled_features", pa.list_(pa.float32())),
     pa.field("model", pa.string(), nullable=False),
+    pa.field("precision", pa.string(), nullable=False),
 ]
 
 
@@ -45,6 +46,9 @@ def segmentation_schema(model: ModelConfig, tiling: TilingConfig,
       "hrnet_beam.tile_overlap": str(tiling.tile_overlap),
       "hrnet_beam.outputs": ",".join(inference.outputs),
       "hrnet_beam.channel_mapping": model.channel_mapping,
+      "hrnet_beam.precision_requested": model.precision,
+      "hrnet_beam.precision_fallback": model.precision_fallback,
+      "hrnet_beam.precision_note": "each row's precision column says what its model ran at",
   }
   return pa.schema(_FIELDS, metadata=metadata)
 
