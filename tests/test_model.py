@@ -60,18 +60,96 @@ class CountingModule:
     return call
 
 
-@pytest.mark.parametrize("masks,features,expected", [
-    (True, True, {"predict": 1, "get_features": 1}),
-    (True, False, {"predict": 1, "get_features": 0}),
-    (False, True, {"predict": 0, "get_features": 1}),
+def _counting(path, names, hide_variables=False):
+  """A real loaded model with counted calls; its variables visible unless hidden."""
+  module = CountingModule(tf.saved_model.load(path), names)
+  if not hide_variables:
+    module.weights = module._module.weights  # pylint: disable=protected-access
+  return module
+
+
+@pytest.mark.parametrize("hide_variables,masks,features,expected", [
+    (False, True, True, {"predict": 0, "get_features": 1}),   # head found: one pass
+    (True, True, True, {"predict": 1, "get_features": 1}),    # no head: two calls
+    (False, True, False, {"predict": 1, "get_features": 0}),
+    (False, False, True, {"predict": 0, "get_features": 1}),
 ])
-def test_unfused_model_runs_only_the_functions_asked_for(tiny_model_unfused, masks, features,
-                                                         expected):
-  module = CountingModule(tf.saved_model.load(tiny_model_unfused), ["predict", "get_features"])
+def test_unfused_model_runs_only_the_passes_needed(tiny_model_unfused, hide_variables, masks,
+                                                    features, expected):
+  module = _counting(tiny_model_unfused, ["predict", "get_features"], hide_variables)
   loaded = LoadedHRNet(module, "tiny", tiny_model_unfused)
+  assert (loaded.single_pass is None) == hide_variables
+  module.calls = {name: 0 for name in module.calls}   # the load-time probe is not counted
   ids, feats = loaded.infer(np.zeros((1, 64, 64, 3), np.float32), masks, features)
   assert module.calls == expected
   assert (ids is not None) == masks and (feats is not None) == features
+
+
+def _both_ways(path, images):
+  """(ids, features) from infer(), and from separate predict/get_features calls."""
+  loaded = load_hrnet(path)
+  ids, features = loaded.infer(images, True, True)
+  reference = tf.saved_model.load(path)
+  expected_ids = np.argmax(reference.predict(images).numpy(), axis=-1)
+  return loaded, ids, features, expected_ids, reference.get_features(images).numpy()
+
+
+def test_head_found_among_the_variables_reproduces_predict(tiny_model_unfused):
+  images = np.random.default_rng(3).random((2, 96, 160, 3)).astype(np.float32)
+  loaded, ids, features, expected_ids, expected_features = _both_ways(tiny_model_unfused,
+                                                                      images)
+  assert loaded.single_pass.startswith("head found")
+  assert "reproduces predict within" in loaded.single_pass
+  np.testing.assert_array_equal(ids, expected_ids)
+  np.testing.assert_array_equal(features, expected_features)
+
+
+def test_model_without_a_findable_head_falls_back_to_two_calls(tmp_path, caplog):
+  """A pixel-local model has no 1x1 conv from its features to the classes."""
+  path = str(tmp_path / "pixel_local_unfused")
+  hrnet.export_saved_model(*_pixel_local_parts(), path, fused=False)
+  images = np.random.default_rng(4).random((1, 64, 64, 3)).astype(np.float32)
+  with caplog.at_level("WARNING"):
+    loaded, ids, features, expected_ids, expected_features = _both_ways(path, images)
+  assert loaded.single_pass is None
+  assert "two backbone passes" in caplog.text and "no 1x1 convolution" in caplog.text
+  np.testing.assert_array_equal(ids, expected_ids)
+  np.testing.assert_array_equal(features, expected_features)
+
+
+def _pixel_local_parts():
+  rng = np.random.default_rng(0)
+  weights = tf.Variable(rng.normal(0, 4, (3, NUM_CLASSES)).astype(np.float32))
+  feature_weights = tf.Variable(rng.normal(0, 1, (3, 15 * TINY_WIDTH)).astype(np.float32))
+
+  def predict_and_features(images):
+    return (tf.einsum("bhwc,ck->bhwk", images, weights),
+            tf.einsum("bhwc,ck->bhwk", images[:, ::4, ::4, :], feature_weights))
+  return predict_and_features, [weights, feature_weights]
+
+
+def test_head_that_does_not_reproduce_predict_is_not_used(tmp_path, caplog):
+  """Head variables found by shape, but predict does more than the head (here it adds
+  a per-class offset): the check at load time refuses the one-pass path."""
+  import keras  # pylint: disable=import-outside-toplevel
+  keras.utils.set_random_seed(0)
+  model = hrnet.build_hrnet(hrnet.HRNetSpec.reduced(TINY_WIDTH, NUM_CLASSES))
+  hrnet.recalibrate_batch_norm(model, hrnet.calibration_images(0))
+  offset = tf.constant(np.linspace(-0.5, 0.5, NUM_CLASSES).astype(np.float32))
+
+  def predict_and_features(images):
+    logits, features = model(images, training=False)
+    return logits + offset, features
+  path = str(tmp_path / "offset_head")
+  hrnet.export_saved_model(predict_and_features, hrnet.keras_variables(model), path,
+                           fused=False)
+  images = np.random.default_rng(5).random((1, 64, 96, 3)).astype(np.float32)
+  with caplog.at_level("WARNING"):
+    loaded, ids, features, expected_ids, expected_features = _both_ways(path, images)
+  assert loaded.single_pass is None
+  assert "none reproduces predict" in caplog.text
+  np.testing.assert_array_equal(ids, expected_ids)
+  np.testing.assert_array_equal(features, expected_features)
 
 
 def test_fused_model_runs_the_backbone_once_for_both_outputs(tiny_model):

@@ -22,6 +22,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.config import InferenceConfig, ModelConfig
+from transforms.head import find_head, model_variables
+from transforms.precision import FLOAT32, apply_precision
 from transforms.tiling import (feature_stride, map_channels, own_box_in_tile,
                                pooled_feature_sum, to_unit_float)
 from transforms.types import Tile, TileResult
@@ -107,14 +109,17 @@ class LoadedHRNet:
   """A loaded HRNet SavedModel with one call that returns what was asked for.
 
   Masks come back as uint8 class ids (argmax inside TensorFlow: 1 byte per pixel
-  leaves the graph instead of 4 per class). With a fused function the backbone runs
-  once for masks and features; otherwise `predict` and `get_features` run separately.
+  leaves the graph instead of 4 per class). The backbone runs once for masks and
+  features with a fused function, or with the model's own head found among its
+  variables (head.py); otherwise `predict` and `get_features` run separately.
+  `single_pass` says which one-pass path is used, None for two passes.
   """
 
-  def __init__(self, module: Any, handle: str, local_dir: str):
+  def __init__(self, module: Any, handle: str, local_dir: str, precision: str = FLOAT32):
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     self.handle = handle
     self.local_dir = local_dir
+    self._precision = precision   # what really runs (after any fallback)
     self._id = uuid.uuid4().hex[:12]
     missing = [n for n in ("predict", "get_features") if not hasattr(module, n)]
     if missing:
@@ -129,16 +134,32 @@ class LoadedHRNet:
     fused = getattr(module, FUSED_FUNCTION, None)
     self.has_fused_function = fused is not None
     if fused is not None:
+      self.single_pass = f"the model's fused function {FUSED_FUNCTION}"
       def both(images):
         out = fused(images)
         return class_ids(out["predictions"]), out["features"]
     else:
-      def both(images):
-        return class_ids(module.predict(images)), module.get_features(images)
+      search = find_head(module, model_variables(module))
+      if search.head is not None:
+        self.single_pass = search.reason
+        head = search.head
+        def both(images):
+          features = module.get_features(images)
+          return class_ids(head(features, tf.shape(images)[1:3])), features
+      else:
+        self.single_pass = None
+        logger.warning("Masks and features need two backbone passes per tile with %s: %s",
+                       handle, search.reason)
+        def both(images):
+          return class_ids(module.predict(images)), module.get_features(images)
     self._both = tf.function(both, input_signature=spec)
     self._masks = tf.function(lambda images: class_ids(module.predict(images)),
                               input_signature=spec)
     self._features = tf.function(module.get_features, input_signature=spec)
+
+  def precision(self) -> str:
+    """The precision that really runs (a method: shared models are proxies of methods)."""
+    return self._precision
 
   def load_id(self) -> str:
     """Unique per load: a metric of distinct ids counts the model copies that served."""
@@ -199,11 +220,16 @@ def release_preloaded() -> None:
   _PRELOADED.clear()
 
 
-def load_hrnet(handle: str, cache_dir: str = DEFAULT_CACHE_DIR,
-               require_gpu: bool = False) -> LoadedHRNet:
-  """Loads the model or raises ModelLoadError naming it, the cause and how to stage it."""
+def load_hrnet(handle: str, cache_dir: str = DEFAULT_CACHE_DIR, require_gpu: bool = False,
+               precision: str = FLOAT32, precision_fallback: str = "float32") -> LoadedHRNet:
+  """Loads the model or raises ModelLoadError naming it, the cause and how to stage it.
+
+  The precision is switched on before the model's functions are first traced; a
+  precision the hardware lacks raises PrecisionUnsupportedError or falls back to float32.
+  """
   prepare_devices(require_gpu)
-  preloaded = _PRELOADED.pop((handle, cache_dir), None)
+  choice = apply_precision(precision, precision_fallback)
+  preloaded = _PRELOADED.pop((handle, cache_dir, precision, precision_fallback), None)
   if preloaded is not None:
     logger.info("Using the model %s loaded by the pre-launch check", handle)
     return preloaded
@@ -212,14 +238,15 @@ def load_hrnet(handle: str, cache_dir: str = DEFAULT_CACHE_DIR,
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     started = time.monotonic()
     module = tf.saved_model.load(local_dir)
-    model = LoadedHRNet(module, handle, local_dir)
+    model = LoadedHRNet(module, handle, local_dir, choice.effective)
   except ModelLoadError as e:
     raise ModelLoadError(f"Cannot load model {handle!r}: {e}. {STAGING_HELP}") from e
   except Exception as e:  # network, tarball and SavedModel errors come in many types
     raise ModelLoadError(
         f"Cannot load model {handle!r}: {type(e).__name__}: {e}. {STAGING_HELP}") from e
-  logger.info("Loaded model %s from %s in %.1f s (fused function: %s)", handle, local_dir,
-              time.monotonic() - started, model.has_fused_function)
+  logger.info("Loaded model %s from %s in %.1f s (one backbone pass for masks and features: "
+              "%s; precision: %s)", handle, local_dir, time.monotonic() - started,
+              model.single_pass or "no", model.precision())
   return model
 
 
@@ -232,19 +259,22 @@ class ModelInfo:
 
 
 def inspect_model(handle: str, cache_dir: str = DEFAULT_CACHE_DIR,
-                  keep_for_local_worker: bool = False) -> ModelInfo:
+                  keep_for_local_worker: bool = False, precision: str = FLOAT32,
+                  precision_fallback: str = "float32") -> ModelInfo:
   """Loads the model once, before launch, and reports what the pipeline needs to know.
 
   With keep_for_local_worker, the loaded model is handed to the first load_hrnet of the
-  same handle in this process (a worker of the in-memory local runner).
+  same handle in this process (a worker of the in-memory local runner). Pass the job's
+  precision only when workers run on this machine: elsewhere its hardware says nothing.
   """
-  model = load_hrnet(handle, cache_dir)
+  model = load_hrnet(handle, cache_dir, precision=precision,
+                     precision_fallback=precision_fallback)
   num_classes, feature_dim, cells = model.probe()
   if cells * 4 != 64:
     raise ModelLoadError(f"{handle}: get_features returned {cells} cells for 64 pixels; "
                          "HRNet features are at 1/4 resolution")
   if keep_for_local_worker:
-    _PRELOADED[(handle, cache_dir)] = model
+    _PRELOADED[(handle, cache_dir, precision, precision_fallback)] = model
   return ModelInfo(num_classes, feature_dim, model.has_fused_function, model.local_dir)
 
 
@@ -281,7 +311,8 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
 
   def load_model(self) -> LoadedHRNet:
     return load_hrnet(self._model_config.handle, self._model_config.cache_dir,
-                      self._inference.require_gpu)
+                      self._inference.require_gpu, self._model_config.precision,
+                      self._model_config.precision_fallback)
 
   def get_metrics_namespace(self) -> str:
     return METRICS_NAMESPACE
@@ -327,7 +358,8 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
         reason = f"{type(e).__name__}: {e}".strip()
         logger.warning("Inference failed for %s tile %d: %s", tiles[0].image.source,
                        tiles[0].spec.index, reason)
-        return [TileResult(tiles[0].image, tiles[0].spec, error=reason[:2000])]
+        return [TileResult(tiles[0].image, tiles[0].spec, error=reason[:2000],
+                           precision=model.precision())]
       middle = len(tiles) // 2
       return (self._infer_or_split(tiles[:middle], model) +
               self._infer_or_split(tiles[middle:], model))
@@ -348,5 +380,6 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
           class_ids=None if class_ids is None else np.ascontiguousarray(
               class_ids[i, y0:y1, x0:x1]),
           feature_sum=None if features is None else pooled_feature_sum(
-              features[i], box, stride)))
+              features[i], box, stride),
+          precision=model.precision()))
     return results
