@@ -13,6 +13,7 @@ REQUIRED = [
     "gcsfs==2026.10.1",
     "pillow==12.3.0",
     "tifffile==2026.3.3",
+    "rasterio==1.4.4",  # GeoTIFF georeferencing and nodata; its wheels bundle GDAL
 ]
 
 setuptools.setup(

@@ -22,3 +22,4 @@ class JobConfig:
   run_id: str = ""
   existing_rows: str | None = None   # pattern of earlier runs' Parquet files to skip
   max_error_fraction: float | None = None
+  mask_geotiff_dir: str | None = None   # where georeferenced masks go as COGs

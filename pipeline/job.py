@@ -16,7 +16,8 @@ from pipeline.options import (LOCAL_RUNNER_NAMES, HRNetOptions, job_config_from_
 from transforms.model_handler import METRICS_NAMESPACE, release_preloaded
 from transforms.read import ReadImages
 from transforms.segment import SegmentImages
-from transforms.write import WriteErrors, WriteSegmentations, segmentation_schema
+from transforms.write import (WriteErrors, WriteMaskGeoTiffs, WriteSegmentations,
+                              segmentation_schema)
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,9 @@ def build_pipeline(p: beam.Pipeline, cfg: JobConfig) -> None:
                                                        cfg.existing_rows)
   rows, segment_errors = images | "SegmentImages" >> SegmentImages(
       cfg.tiling, cfg.model, cfg.inference)
+  if cfg.mask_geotiff_dir:
+    rows = rows | "WriteMaskGeoTiffs" >> WriteMaskGeoTiffs(cfg.mask_geotiff_dir,
+                                                           cfg.model.labels.palette)
   _ = rows | "WriteSegmentations" >> WriteSegmentations(
       cfg.output, segmentation_schema(cfg.model, cfg.tiling, cfg.inference))
   _ = ((read_errors, segment_errors)

@@ -122,6 +122,11 @@ class HRNetOptions(PipelineOptions):
         help="Workers fail loudly at start-up if TensorFlow sees no GPU. On by default "
              "when --dataflow_service_options asks for a worker_accelerator.")
     parser.add_argument(
+        "--mask_geotiff_dir", default=None,
+        help="Also write each georeferenced input's mask as a Cloud-Optimized GeoTIFF "
+             "here (local or gs://), with the source's CRS and transform and the class "
+             "palette as colour map; the row's mask_geotiff column names the file.")
+    parser.add_argument(
         "--precision", default=FLOAT32, choices=PRECISIONS,
         help="Run the float32 model at lower precision through TensorFlow's graph "
              "rewrite: bfloat16 on CPUs with AVX512-BF16 or AMX, float16 on NVIDIA GPUs "
@@ -272,6 +277,10 @@ def job_config_from_options(options: HRNetOptions,
   _check_patterns(list(options.input))
   _check_writable(rows_prefix, run_id)
   _check_writable(errors_prefix, run_id)
+  if options.mask_geotiff_dir:
+    if not options.outputs or OUTPUT_MASKS not in _parse_outputs(options.outputs):
+      raise ConfigError("--mask_geotiff_dir needs masks: add 'masks' to --outputs")
+    _check_writable(options.mask_geotiff_dir.rstrip("/") + "/mask", run_id)
   # The hardware check means something before launch only where the workers run here.
   local = runs_on_this_machine(options)
   try:
@@ -311,4 +320,5 @@ def job_config_from_options(options: HRNetOptions,
           tuple(k.strip() for k in options.tfrecord_id_keys.split(",") if k.strip())),
       tiling=tiling,
       model=model, inference=inference, run_id=run_id, existing_rows=existing,
-      max_error_fraction=options.max_error_fraction)
+      max_error_fraction=options.max_error_fraction,
+      mask_geotiff_dir=options.mask_geotiff_dir)

@@ -10,6 +10,8 @@ Rules (also in README):
 - Multi-page TIFF and animated images: the first page/frame only.
 - An image whose header declares more than `max_pixels` pixels is refused before
   its pixels are decoded, so a decompression bomb cannot exhaust memory.
+- GeoTIFFs (GeoTIFF or GDAL nodata tags, or an internal mask) are read with rasterio:
+  alpha bands and nodata mark pixels as nodata instead of being dropped (geo.py).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ class DecodeError(ValueError):
   """The bytes are not an image this pipeline can read; the message says why."""
 
 
-def _check_size(height: int, width: int, max_pixels: int) -> None:
+def check_size(height: int, width: int, max_pixels: int) -> None:
   if height < 1 or width < 1:
     raise DecodeError(f"image has no pixels ({width}x{height})")
   if height * width > max_pixels:
@@ -77,7 +79,7 @@ def _decode_tiff(data: bytes, max_pixels: int) -> np.ndarray:
         height, width = shape[1], shape[2]
       else:
         height, width = shape[0], shape[1]
-      _check_size(height, width, max_pixels)
+      check_size(height, width, max_pixels)
       array = page.asarray()
       if page.planarconfig == 2 and array.ndim == 3:
         array = np.moveaxis(array, 0, -1)
@@ -92,7 +94,7 @@ def _decode_with_pillow(data: bytes, max_pixels: int) -> np.ndarray:
   try:
     with Image.open(io.BytesIO(data)) as image:
       width, height = image.size  # read from the header, nothing decoded yet
-      _check_size(height, width, max_pixels)
+      check_size(height, width, max_pixels)
       with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image.seek(0)
@@ -124,3 +126,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
   if data[:4] in _TIFF_MAGIC:
     return _decode_tiff(data, max_pixels)
   return _decode_with_pillow(data, max_pixels)
+
+
+def decode_raster(data: bytes, max_pixels: int):
+  """Like decode_image, plus georeferencing and nodata for GeoTIFFs (geo.py)."""
+  from transforms import geo  # pylint: disable=import-outside-toplevel
+  if data[:4] in _TIFF_MAGIC and geo.is_geotiff(data):
+    return geo.read_geotiff(data, max_pixels, _to_rgb)
+  return geo.Raster(decode_image(data, max_pixels), None, None)

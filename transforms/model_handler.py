@@ -22,10 +22,11 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.config import InferenceConfig, ModelConfig
+from transforms.geo import NODATA_CLASS
 from transforms.head import find_head, model_variables
 from transforms.precision import FLOAT32, apply_precision
 from transforms.tiling import (feature_stride, map_channels, own_box_in_tile,
-                               pooled_feature_sum, to_unit_float)
+                               pooled_feature_sum, pooled_feature_sum_masked, to_unit_float)
 from transforms.types import Tile, TileResult
 
 logger = logging.getLogger(__name__)
@@ -325,6 +326,8 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
       self._metrics = {
           "tiles_failed": beam.metrics.Metrics.counter(METRICS_NAMESPACE, "tiles_failed"),
           "oom_backoffs": beam.metrics.Metrics.counter(METRICS_NAMESPACE, "oom_backoffs"),
+          "inferred": beam.metrics.Metrics.counter(METRICS_NAMESPACE, "tiles_inferred"),
+          "nodata": beam.metrics.Metrics.counter(METRICS_NAMESPACE, "tiles_nodata_skipped"),
           "load_ids": beam.metrics.Metrics.string_set(METRICS_NAMESPACE, "model_load_ids")}
     return self._metrics
 
@@ -365,21 +368,46 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
               self._infer_or_split(tiles[middle:], model))
 
   def _infer(self, tiles: list, model: LoadedHRNet) -> list:
-    images = np.zeros((self._call_size, self._tile_size, self._tile_size, 3), np.float32)
-    for i, tile in enumerate(tiles):
-      images[i] = map_channels(to_unit_float(tile.pixels), self._model_config.channel_mapping)
-    class_ids, features = model.infer(images, self._inference.want_masks,
-                                      self._inference.want_features)
+    """Model outputs for the tiles' owned boxes; tiles whose owned box is all nodata are
+    answered without the model, and nodata pixels get NODATA_CLASS and no feature weight."""
+    boxes = [own_box_in_tile(tile.spec) for tile in tiles]
+    valid_own = [None if tile.valid is None else tile.valid[y0:y1, x0:x1]
+                 for tile, (y0, y1, x0, x1) in zip(tiles, boxes)]
+    needed = [i for i, valid in enumerate(valid_own) if valid is None or valid.any()]
+    class_ids = features = None
+    if needed:
+      images = np.zeros((self._call_size, self._tile_size, self._tile_size, 3), np.float32)
+      for slot, i in enumerate(needed):
+        images[slot] = map_channels(to_unit_float(tiles[i].pixels),
+                                    self._model_config.channel_mapping)
+      class_ids, features = model.infer(images, self._inference.want_masks,
+                                        self._inference.want_features)
+    counters = self._counters()
+    counters["inferred"].inc(len(needed))
+    counters["nodata"].inc(len(tiles) - len(needed))
     stride = feature_stride(self._tile_size, features.shape[1]) if features is not None else 0
+    slot_of = {i: slot for slot, i in enumerate(needed)}
+    precision = model.precision()
     results = []
     for i, tile in enumerate(tiles):
-      box = own_box_in_tile(tile.spec)
+      box, valid, slot = boxes[i], valid_own[i], slot_of.get(i)
       y0, y1, x0, x1 = box
+      ids = feature_sum = None
+      if slot is None:  # nothing but nodata here: the model is not asked
+        if self._inference.want_masks:
+          ids = np.full((y1 - y0, x1 - x0), NODATA_CLASS, np.uint8)
+        if self._inference.want_features:
+          feature_sum = np.zeros(self._model_config.feature_dim, np.float64)
+      else:
+        if class_ids is not None:
+          ids = np.array(class_ids[slot, y0:y1, x0:x1])
+          if valid is not None:
+            ids[~valid] = NODATA_CLASS
+        if features is not None:
+          feature_sum = (pooled_feature_sum(features[slot], box, stride) if valid is None
+                         else pooled_feature_sum_masked(features[slot], box, stride,
+                                                        tile.valid))
       results.append(TileResult(
-          tile.image, tile.spec,
-          class_ids=None if class_ids is None else np.ascontiguousarray(
-              class_ids[i, y0:y1, x0:x1]),
-          feature_sum=None if features is None else pooled_feature_sum(
-              features[i], box, stride),
-          precision=model.precision()))
+          tile.image, tile.spec, class_ids=ids, feature_sum=feature_sum, precision=precision,
+          counted_pixels=None if valid is None else int(np.count_nonzero(valid))))
     return results

@@ -10,7 +10,7 @@ from apache_beam.io.parquetio import ReadFromParquet
 
 from transforms.budget import ErrorBudget
 from transforms.config import DecodeConfig
-from transforms.decode import DecodeError, decode_image
+from transforms.decode import DecodeError, decode_raster
 from transforms.model_handler import METRICS_NAMESPACE
 from transforms.shards import (FORMAT_IMAGE, FORMAT_TAR, FORMAT_TFRECORD, ShardError,
                                detect_format, tar_samples, tfrecord_examples)
@@ -58,7 +58,7 @@ class _DecodeFn(beam.DoFn):
         yield self._error(image_id, source, "read", f"{type(e).__name__}: {e}")
         return
     try:
-      pixels = decode_image(data, self._config.max_pixels)
+      raster = decode_raster(data, self._config.max_pixels)
     except DecodeError as e:
       yield self._error(image_id, source, "decode", str(e))
       return
@@ -66,7 +66,7 @@ class _DecodeFn(beam.DoFn):
       yield self._error(image_id, source, "decode", "out of memory while decoding")
       return
     self._budget.record(failed=False)
-    yield ImageRecord(image_id, source, pixels)
+    yield ImageRecord(image_id, source, raster.pixels, raster.geo, raster.valid)
 
 
 class _ShardRecordsFn(beam.DoFn):

@@ -14,7 +14,8 @@ from PIL import Image
 from transforms.budget import ErrorBudget
 from transforms.config import InferenceConfig, ModelConfig, TilingConfig
 from transforms.model_handler import METRICS_NAMESPACE, HRNetModelHandler
-from transforms.tiling import cut_tile, stitch_mask, tile_grid
+from transforms.geo import NODATA_CLASS
+from transforms.tiling import cut_tile, cut_valid, stitch_mask, tile_grid
 from transforms.types import (ErrorRecord, ImageInfo, ImageRecord, Segmentation, Tile,
                               TileResult)
 
@@ -38,20 +39,27 @@ def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model_handl
                           num_classes: int, inference: InferenceConfig) -> Segmentation:
   """One row from all of an image's tile results (none failed)."""
   mask_png = class_counts = pooled = None
+  counted = sum((p.spec.own_y1 - p.spec.own_y0) * (p.spec.own_x1 - p.spec.own_x0)
+                if p.counted_pixels is None else p.counted_pixels for p in parts)
   if inference.want_masks:
     mask = stitch_mask(image.height, image.width, [(p.spec, p.class_ids) for p in parts])
-    counts = np.bincount(mask.ravel(), minlength=num_classes)
-    if counts.size > num_classes:
-      raise ValueError(f"mask has class id {counts.size - 1} but the model has {num_classes}")
+    counts = np.bincount(mask.ravel(), minlength=NODATA_CLASS + 1)
+    if counts[num_classes:NODATA_CLASS].any():
+      raise ValueError(f"mask has class id {np.flatnonzero(counts[num_classes:])[0] + num_classes}"
+                       f" but the model has {num_classes}")
     mask_png = encode_mask_png(mask)
-    class_counts = counts.astype(np.int64).tolist()
-  if inference.want_features:
+    class_counts = counts[:num_classes].astype(np.int64).tolist()
+  if inference.want_features and counted:
     total = np.sum([p.feature_sum for p in parts], axis=0)
-    pooled = (total / (image.height * image.width)).astype(np.float32).tolist()
+    pooled = (total / counted).astype(np.float32).tolist()
   # Tiles of one image could meet models of different precision on a mixed fleet.
   precision = "+".join(sorted({p.precision for p in parts}))
+  geo = image.geo
   return Segmentation(image.image_id, image.source, image.height, image.width, mask_png,
-                      class_counts, pooled, model_handle, precision)
+                      class_counts, pooled, model_handle, precision, valid_pixels=counted,
+                      crs_wkt=geo.crs_wkt if geo else None,
+                      crs_epsg=geo.crs_epsg if geo else None,
+                      transform=list(geo.transform) if geo else None)
 
 
 class _TileFn(beam.DoFn):
@@ -64,10 +72,12 @@ class _TileFn(beam.DoFn):
   def process(self, record: ImageRecord):
     height, width = record.pixels.shape[:2]
     specs = tile_grid(height, width, self._config.tile_size, self._config.tile_overlap)
-    info = ImageInfo(record.image_id, record.source, height, width, len(specs))
+    info = ImageInfo(record.image_id, record.source, height, width, len(specs), record.geo)
     self._tiles.inc(len(specs))
+    size = self._config.tile_size
     for spec in specs:
-      yield Tile(info, spec, cut_tile(record.pixels, spec, self._config.tile_size))
+      valid = None if record.valid is None else cut_valid(record.valid, spec, size)
+      yield Tile(info, spec, cut_tile(record.pixels, spec, size), valid)
 
 
 class _Progress:

@@ -56,6 +56,14 @@ def cut_tile(image: np.ndarray, spec: TileSpec, tile_size: int) -> np.ndarray:
   return np.pad(crop, ((0, pad_y), (0, pad_x), (0, 0)), mode="symmetric")
 
 
+def cut_valid(valid: np.ndarray, spec: TileSpec, tile_size: int) -> np.ndarray:
+  """The tile's part of an (H, W) validity mask, padded with False to the tile size."""
+  crop = valid[spec.y:spec.y + tile_size, spec.x:spec.x + tile_size]
+  tile = np.zeros((tile_size, tile_size), dtype=bool)
+  tile[:crop.shape[0], :crop.shape[1]] = crop
+  return tile
+
+
 def own_box_in_tile(spec: TileSpec) -> tuple[int, int, int, int]:
   """The owned box in the tile's own coordinates: (y0, y1, x0, x1)."""
   return (spec.own_y0 - spec.y, spec.own_y1 - spec.y, spec.own_x0 - spec.x,
@@ -83,6 +91,24 @@ def pooled_feature_sum(features: np.ndarray, box: tuple[int, int, int, int],
   block = features[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].astype(np.float64)
   return np.einsum("i,j,ijf->f", weights_y[rows[0]:rows[-1] + 1],
                    weights_x[cols[0]:cols[-1] + 1], block, optimize=True)
+
+
+def pooled_feature_sum_masked(features: np.ndarray, box: tuple[int, int, int, int],
+                              stride: int, valid: np.ndarray) -> np.ndarray:
+  """As pooled_feature_sum, counting only the box's pixels where `valid` (tile-sized
+  bool) is True: each cell weighs as many pixels as it holds valid ones."""
+  y0, y1, x0, x1 = box
+  cells_y, cells_x = features.shape[:2]
+  counted = np.zeros((cells_y * stride, cells_x * stride), dtype=bool)
+  counted[y0:y1, x0:x1] = valid[y0:y1, x0:x1]
+  weights = counted.reshape(cells_y, stride, cells_x, stride).sum(axis=(1, 3))
+  rows = np.nonzero(weights.any(axis=1))[0]
+  cols = np.nonzero(weights.any(axis=0))[0]
+  if rows.size == 0:
+    return np.zeros(features.shape[-1], dtype=np.float64)
+  block = features[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].astype(np.float64)
+  return np.einsum("ij,ijf->f", weights[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+                   .astype(np.float64), block, optimize=True)
 
 
 def feature_stride(tile_size: int, feature_cells: int) -> int:

@@ -8,11 +8,28 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
+class GeoReference:
+  """Where a raster lies on the map: its CRS and affine transform.
+
+  transform is (a, b, c, d, e, f) as in rasterio/affine: x = a*col + b*row + c,
+  y = d*col + e*row + f, for pixel corners (GDAL's geotransform is (c, a, b, f, d, e)).
+  """
+  crs_wkt: Optional[str]
+  crs_epsg: Optional[int]
+  transform: tuple
+
+
+@dataclasses.dataclass(frozen=True)
 class ImageRecord:
-  """A decoded image: RGB pixels as uint8 or uint16 (H, W, 3), scaled to [0, 1] later."""
+  """A decoded image: RGB pixels as uint8 or uint16 (H, W, 3), scaled to [0, 1] later.
+
+  valid is (H, W) bool where nodata is known (GeoTIFF nodata, mask or alpha), else None.
+  """
   image_id: str
   source: str
   pixels: np.ndarray
+  geo: Optional[GeoReference] = None
+  valid: Optional[np.ndarray] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +48,7 @@ class ImageInfo:
   height: int
   width: int
   num_tiles: int
+  geo: Optional[GeoReference] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +72,7 @@ class Tile:
   image: ImageInfo
   spec: TileSpec
   pixels: np.ndarray
+  valid: Optional[np.ndarray] = None   # (tile_size, tile_size) bool; None: all valid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +84,7 @@ class TileResult:
   feature_sum: Optional[np.ndarray] = None    # (feature_dim,) float64, summed over own pixels
   error: Optional[str] = None
   precision: str = "float32"                   # what the model really ran at
+  counted_pixels: Optional[int] = None         # valid pixels of the owned box; None: all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +99,11 @@ class Segmentation:
   pooled_features: Optional[list]
   model: str
   precision: str
+  valid_pixels: int = 0                 # pixels counted (not nodata)
+  crs_wkt: Optional[str] = None
+  crs_epsg: Optional[int] = None
+  transform: Optional[list] = None      # GeoReference.transform
+  mask_geotiff: Optional[str] = None    # URI of the mask as a COG (--mask_geotiff_dir)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,16 +2,27 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
+import logging
+import re
 
+import numpy as np
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import WriteToParquet
 
 from transforms.config import InferenceConfig, ModelConfig, TilingConfig
-from transforms.types import ErrorRecord, Segmentation
+from transforms.geo import NODATA_CLASS, mask_geotiff_bytes
+from transforms.types import ErrorRecord, GeoReference, Segmentation
 
-__all__ = ["WriteSegmentations", "WriteErrors", "segmentation_schema"]
+__all__ = ["WriteSegmentations", "WriteErrors", "WriteMaskGeoTiffs", "segmentation_schema"]
+
+logger = logging.getLogger(__name__)
+METRICS_NAMESPACE = "hrnet_beam"
 
 MASK_ENCODING = "PNG, 8-bit single channel, H x W; pixel value = index into class_names"
 
@@ -25,6 +36,11 @@ _FIELDS = [
     pa.field("pooled_features", pa.list_(pa.float32())),
     pa.field("model", pa.string(), nullable=False),
     pa.field("precision", pa.string(), nullable=False),
+    pa.field("valid_pixels", pa.int64(), nullable=False),
+    pa.field("crs_wkt", pa.string()),
+    pa.field("crs_epsg", pa.int32()),
+    pa.field("transform", pa.list_(pa.float64())),
+    pa.field("mask_geotiff", pa.string()),
 ]
 
 
@@ -49,6 +65,12 @@ def segmentation_schema(model: ModelConfig, tiling: TilingConfig,
       "hrnet_beam.precision_requested": model.precision,
       "hrnet_beam.precision_fallback": model.precision_fallback,
       "hrnet_beam.precision_note": "each row's precision column says what its model ran at",
+      "hrnet_beam.nodata_class": str(NODATA_CLASS),
+      "hrnet_beam.nodata_note": f"mask value {NODATA_CLASS} marks nodata pixels (the "
+                                "raster's nodata value, mask or alpha); they are left out "
+                                "of class_counts, pooled_features and valid_pixels",
+      "hrnet_beam.transform_order": "a,b,c,d,e,f (rasterio/affine): x = a*col + b*row + c, "
+                                    "y = d*col + e*row + f, at pixel corners",
   }
   return pa.schema(_FIELDS, metadata=metadata)
 
@@ -88,3 +110,63 @@ class WriteErrors(beam.PTransform):
         errors
         | "AsJson" >> beam.Map(lambda e: json.dumps(dataclasses.asdict(e), sort_keys=True))
         | "WriteErrors" >> beam.io.WriteToText(self._prefix, file_name_suffix=".jsonl"))
+
+
+def mask_geotiff_name(image_id: str, source: str) -> str:
+  """A readable, unique file name: the source's stem plus a hash of the image id."""
+  stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.rstrip("/").rsplit("/", 1)[-1])
+  stem = stem.rsplit(".", 1)[0] if "." in stem else stem
+  return f"{stem[:80]}-{hashlib.sha1(image_id.encode()).hexdigest()[:10]}.tif"
+
+
+class _MaskGeoTiffFn(beam.DoFn):
+  """Segmentation -> the same row with mask_geotiff set, after writing its COG.
+
+  Rows without georeferencing or mask pass unchanged. A failed write keeps the row
+  (mask_geotiff null), logs why and counts mask_geotiffs_failed: the Parquet row is the
+  job's output, the COG a convenience.
+  """
+
+  def __init__(self, directory: str, palette: list):
+    self._directory = directory.rstrip("/")
+    self._palette = palette
+    self._written = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "mask_geotiffs")
+    self._failed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "mask_geotiffs_failed")
+
+  def process(self, row: Segmentation):
+    if row.transform is None or row.mask_png is None:
+      yield row
+      return
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    path = f"{self._directory}/{mask_geotiff_name(row.image_id, row.source)}"
+    try:
+      mask = np.asarray(Image.open(io.BytesIO(row.mask_png)))
+      data = mask_geotiff_bytes(mask, GeoReference(row.crs_wkt, row.crs_epsg,
+                                                   tuple(row.transform)), self._palette)
+      with FileSystems.create(path, mime_type="image/tiff",
+                              compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(data)
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed.inc()
+      logger.warning("Mask GeoTIFF for %s not written to %s: %s: %s", row.source, path,
+                     type(e).__name__, e)
+      yield row
+      return
+    self._written.inc()
+    yield dataclasses.replace(row, mask_geotiff=path)
+
+
+class WriteMaskGeoTiffs(beam.PTransform):
+  """PCollection[Segmentation] -> PCollection[Segmentation], writing each georeferenced
+  mask as a Cloud-Optimized GeoTIFF under `directory`. Usage:
+      rows = rows | WriteMaskGeoTiffs("gs://bucket/masks", labels.palette)
+  """
+
+  def __init__(self, directory: str, palette):
+    super().__init__()
+    self._directory = directory
+    self._palette = [list(colour) for colour in palette]
+
+  def expand(self, rows):
+    return rows | "WriteMaskGeoTiff" >> beam.ParDo(_MaskGeoTiffFn(self._directory,
+                                                                  self._palette))

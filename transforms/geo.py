@@ -1,0 +1,99 @@
+"""GeoTIFFs: reading pixels with their georeferencing and nodata, writing masks as COGs.
+
+Pure functions over bytes and arrays (rasterio, whose wheels bundle GDAL); no Beam.
+A TIFF goes through here when it carries GeoTIFF or GDAL nodata tags or an internal
+mask; other TIFFs keep the plain decoder's rules (decode.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Optional
+
+import numpy as np
+
+from transforms.types import GeoReference
+
+NODATA_CLASS = 255   # mask value of nodata pixels; never a class id (at most 255 classes)
+
+# TIFF tags that make a file a GeoTIFF or give it a GDAL nodata value.
+_GEO_TAGS = {33550, 33922, 34264, 34735, 42113}
+_MASK_SUBFILE_TYPE = 4   # NewSubfileType bit of GDAL's internal (per-dataset) masks
+
+
+@dataclasses.dataclass(frozen=True)
+class Raster:
+  """Decoded pixels (H, W, 3) uint8/uint16, where on the map, and which pixels hold data."""
+  pixels: np.ndarray
+  geo: Optional[GeoReference]
+  valid: Optional[np.ndarray]   # (H, W) bool; None when every pixel holds data
+
+
+def is_geotiff(data: bytes) -> bool:
+  """Whether a TIFF carries georeferencing, a nodata value or an internal mask."""
+  import tifffile  # pylint: disable=import-outside-toplevel
+  try:
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+      first = tif.pages[0]
+      if _GEO_TAGS & {tag.code for tag in first.tags.values()}:
+        return True
+      return any(int(getattr(page, "subfiletype", 0)) & _MASK_SUBFILE_TYPE
+                 for page in tif.pages[1:4])
+  except Exception:  # pylint: disable=broad-except  # not readable: the plain decoder says why
+    return False
+
+
+def georeference(dataset) -> Optional[GeoReference]:
+  """The dataset's CRS and affine transform; None for a raster not placed on a map."""
+  transform = tuple(float(v) for v in tuple(dataset.transform)[:6])
+  if dataset.crs is None and transform == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0):
+    return None
+  wkt = dataset.crs.to_wkt() if dataset.crs is not None else None
+  epsg = dataset.crs.to_epsg() if dataset.crs is not None else None
+  return GeoReference(wkt, epsg, transform)
+
+
+def read_geotiff(data: bytes, max_pixels: int, to_rgb) -> Raster:
+  """Bytes of a GeoTIFF -> Raster. `to_rgb` maps (H, W, C) arrays to RGB as decode.py does.
+
+  Alpha bands are not pixels: with GDAL's nodata value and internal masks they decide
+  which pixels hold data (GDAL's dataset mask).
+  """
+  # pylint: disable=import-outside-toplevel
+  from rasterio.enums import ColorInterp
+  from rasterio.io import MemoryFile
+  from transforms.decode import DecodeError, check_size
+  try:
+    with MemoryFile(data) as memory, memory.open() as dataset:
+      check_size(dataset.height, dataset.width, max_pixels)
+      bands = [i + 1 for i, interp in enumerate(dataset.colorinterp)
+               if interp != ColorInterp.alpha][:3]
+      if not bands:
+        raise DecodeError("raster has only an alpha band")
+      array = np.moveaxis(dataset.read(bands), 0, -1)
+      mask = dataset.dataset_mask() != 0
+      geo = georeference(dataset)
+  except DecodeError:
+    raise
+  except Exception as e:  # rasterio raises RasterioIOError and others for damaged files
+    raise DecodeError(f"unreadable GeoTIFF: {e}") from e
+  return Raster(to_rgb(array), geo, None if mask.all() else mask)
+
+
+def mask_geotiff_bytes(mask: np.ndarray, geo: GeoReference, palette: list) -> bytes:
+  """A Cloud-Optimized GeoTIFF of class ids with the source's georeferencing, the class
+  palette as its colour map and NODATA_CLASS as nodata, so GIS tools show it on the map."""
+  # pylint: disable=import-outside-toplevel
+  from affine import Affine
+  from rasterio.crs import CRS
+  from rasterio.io import MemoryFile
+  crs = CRS.from_wkt(geo.crs_wkt) if geo.crs_wkt else None
+  colormap = {i: (*map(int, colour), 255) for i, colour in enumerate(palette)}
+  colormap[NODATA_CLASS] = (0, 0, 0, 0)
+  with MemoryFile() as memory:
+    with memory.open(driver="COG", width=mask.shape[1], height=mask.shape[0], count=1,
+                     dtype="uint8", crs=crs, transform=Affine(*geo.transform),
+                     nodata=NODATA_CLASS, compress="deflate") as dataset:
+      dataset.write(mask, 1)
+      dataset.write_colormap(1, colormap)
+    return memory.read()
