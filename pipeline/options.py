@@ -77,7 +77,9 @@ class HRNetOptions(PipelineOptions):
              "A worker stops the job early once it has seen 50 inputs over the budget.")
     parser.add_argument(
         "--model", default=DEFAULT_MODEL,
-        help="TF Hub handle/URL, local SavedModel directory or gs:// directory.")
+        help="A short name of the HRNet suite (isprs, ade20k, city, ...: "
+             "transforms/model_labels/suite.json), a TF Hub handle/URL, a local "
+             "SavedModel directory or a gs:// directory.")
     parser.add_argument(
         "--labels_file", default=None,
         help="JSON labels file (class names and palette, one entry per model output). "
@@ -170,7 +172,17 @@ def _check_tiling(tile_size: int, overlap: int) -> TilingConfig:
   return TilingConfig(tile_size, overlap)
 
 
-def _resolve_labels(options, model_dir: str):
+def _model_handle(model: str) -> str:
+  """--model as a handle: short names resolved; a bare word that is nothing else fails."""
+  handle = labels_lib.resolve_model_name(model)
+  if handle == model and "/" not in model and not os.path.exists(model):
+    names = ", ".join(labels_lib.model_suite()["names"])
+    raise ConfigError(f"--model {model!r} is not a short name of the HRNet suite ({names}), "
+                      "a TF Hub handle, or an existing SavedModel directory")
+  return handle
+
+
+def _resolve_labels(options, handle: str, model_dir: str):
   if options.labels_file:
     try:
       return labels_lib.read_labels(options.labels_file)
@@ -179,7 +191,7 @@ def _resolve_labels(options, model_dir: str):
   beside_model = os.path.join(model_dir, labels_lib.MODEL_LABELS_FILE)
   if os.path.exists(beside_model):
     return labels_lib.read_labels(beside_model)
-  return labels_lib.labels_for_handle(options.model)
+  return labels_lib.labels_for_handle(handle)
 
 
 def _positive(name: str, value) -> None:
@@ -281,19 +293,20 @@ def job_config_from_options(options: HRNetOptions,
     if not options.outputs or OUTPUT_MASKS not in _parse_outputs(options.outputs):
       raise ConfigError("--mask_geotiff_dir needs masks: add 'masks' to --outputs")
     _check_writable(options.mask_geotiff_dir.rstrip("/") + "/mask", run_id)
+  handle = _model_handle(options.model)
   # The hardware check means something before launch only where the workers run here.
   local = runs_on_this_machine(options)
   try:
-    info = inspect_model(options.model, options.model_cache_dir, keep_model_for_local_worker,
+    info = inspect_model(handle, options.model_cache_dir, keep_model_for_local_worker,
                          options.precision if local else FLOAT32,
                          options.precision_fallback if local else "float32")
   except (ModelLoadError, PrecisionUnsupportedError) as e:
     raise ConfigError(str(e)) from e
-  labels = _resolve_labels(options, info.local_dir) or labels_lib.generic_labels(
+  labels = _resolve_labels(options, handle, info.local_dir) or labels_lib.generic_labels(
       info.num_classes)
   if labels.num_classes != info.num_classes:
     raise ConfigError(f"the labels ({labels.name}) name {labels.num_classes} classes but "
-                      f"model {options.model} outputs {info.num_classes}: pass a matching "
+                      f"model {handle} outputs {info.num_classes}: pass a matching "
                       "--labels_file")
   if info.num_classes > 255:
     raise ConfigError(f"model outputs {info.num_classes} classes; masks are 8-bit PNGs "
@@ -302,7 +315,7 @@ def job_config_from_options(options: HRNetOptions,
     mapping = parse_channel_mapping(options.channel_mapping or labels.channel_mapping or "rgb")
   except ValueError as e:
     raise ConfigError(f"--channel_mapping: {e}") from e
-  model = ModelConfig(options.model, labels, info.feature_dim, info.has_fused_function,
+  model = ModelConfig(handle, labels, info.feature_dim, info.has_fused_function,
                       options.model_cache_dir, mapping, options.precision,
                       options.precision_fallback)
   inference = InferenceConfig(

@@ -292,3 +292,57 @@ def test_channel_mapping_comes_from_the_labels_file_and_the_flag(pixel_local_mod
   _expect_config_error("channel mapping 'bgr'", "--input", tmp_path / "original.png",
                        "--output", tmp_path / "d", "--model", pixel_local_model,
                        "--channel_mapping", "bgr")
+
+
+def _stage_in_hub_cache(model_dir, handle, cache):
+  """Pre-stages a model where tensorflow_hub keeps a downloaded handle (no network)."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  target = cache / hashlib.sha1(handle.encode()).hexdigest()
+  shutil.copytree(model_dir, target)
+  (target / "labels.json").unlink(missing_ok=True)   # labels must come from the package
+
+
+def test_suite_short_names_resolve_to_hub_handles_and_their_labels(tiny_model, tmp_path,
+                                                                   monkeypatch):
+  from transforms import labels as labels_lib  # pylint: disable=import-outside-toplevel
+  names = labels_lib.model_suite()["names"]
+  assert len(names) == 17 and len(set(names)) == 17
+  assert labels_lib.resolve_model_name("city") == \
+      "https://tfhub.dev/google/HRNet/city-hrnetv2-w48/1"
+  handle = labels_lib.resolve_model_name("isprs")
+  cache = tmp_path / "tfhub"
+  _stage_in_hub_cache(tiny_model, handle, cache)
+  monkeypatch.setenv("TFHUB_CACHE_DIR", str(cache))
+  save_image(tmp_path / "a.png", textured_image(96, 96, seed=1))
+  out = tmp_path / "out" / "rows"
+  summary = run_job("--input", tmp_path / "a.png", "--output", out, "--model", "isprs",
+                    "--tile_size", "64", "--tile_overlap", "0")
+  assert summary.rows == 1
+  row = next(iter(read_rows(out).values()))
+  assert row["model"] == handle
+  metadata = pq.read_schema(next(Path(out).parent.glob("rows-*.parquet"))).metadata
+  isprs = labels_lib.packaged_labels("isprs")
+  assert json.loads(metadata[b"hrnet_beam.class_names"]) == list(isprs.class_names)
+  assert metadata[b"hrnet_beam.channel_mapping"] == b"rg_mean"
+
+
+def test_packaged_labels_that_do_not_fit_the_model_fail_before_launch(tmp_path, monkeypatch):
+  """A 5-class model behind the isprs handle: the 7 ISPRS labels cannot describe it."""
+  from pipeline import hrnet  # pylint: disable=import-outside-toplevel
+  model_dir = tmp_path / "five"
+  hrnet.export_pixel_local(5, 15 * TINY_WIDTH, str(model_dir))
+  cache = tmp_path / "tfhub"
+  _stage_in_hub_cache(model_dir, "https://tfhub.dev/google/HRNet/isprs-hrnetv2-w48/1", cache)
+  monkeypatch.setenv("TFHUB_CACHE_DIR", str(cache))
+  save_image(tmp_path / "a.png", textured_image(64, 64, seed=1))
+  with pytest.raises(ConfigError, match="name 7 classes but model .*isprs.* outputs 5"):
+    run_job("--input", tmp_path / "a.png", "--output", tmp_path / "o" / "rows", "--model",
+            "isprs")
+
+
+def test_unknown_short_model_name_lists_the_suite(tmp_path):
+  save_image(tmp_path / "a.png", textured_image(64, 64, seed=1))
+  with pytest.raises(ConfigError, match="not a short name of the HRNet suite .*ade20k.*vkitti2"):
+    run_job("--input", tmp_path / "a.png", "--output", tmp_path / "o" / "rows", "--model",
+            "isprz")

@@ -73,6 +73,20 @@ def generic_labels(num_classes: int) -> LabelSet:
                   "no labels file: generic names")
 
 
+def model_suite() -> dict:
+  """The HRNet suite's short names and handle template (model_labels/suite.json)."""
+  with open(os.path.join(LABELS_DIR, "suite.json"), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def resolve_model_name(model: str) -> str:
+  """A short name of the suite ('isprs') -> its TF Hub handle; anything else unchanged."""
+  suite = model_suite()
+  if model in suite["names"]:
+    return suite["handle_template"].format(name=model)
+  return model
+
+
 def labels_for_handle(handle: str) -> Optional[LabelSet]:
   """The packaged labels file whose "handle" is this TF Hub handle, if any."""
   for entry in sorted(os.listdir(LABELS_DIR)):
