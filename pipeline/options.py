@@ -139,6 +139,15 @@ class HRNetOptions(PipelineOptions):
         help="Where the hardware lacks --precision: 'float32' runs float32 with a warning "
              "(each row's precision column says what ran), 'fail' stops the job.")
     parser.add_argument(
+        "--tf_intra_op_threads", type=int, default=0,
+        help="TensorFlow threads per worker process for one op (0: TF's default, all "
+             "cores). With several worker processes per machine (Dataflow runs one SDK "
+             "process per vCPU unless the model is shared) a smaller pool avoids "
+             "oversubscription. Features differ in their last bits between values.")
+    parser.add_argument(
+        "--tf_inter_op_threads", type=int, default=0,
+        help="TensorFlow threads running independent ops at once (0: TF's default).")
+    parser.add_argument(
         "--model_copies", type=int, default=None,
         help="With shared models: how many copies per machine (implies sharing).")
 
@@ -170,6 +179,19 @@ def _check_tiling(tile_size: int, overlap: int) -> TilingConfig:
     raise ConfigError(f"--tile_overlap {overlap}: use a multiple of {ALIGNMENT} below "
                       f"--tile_size {tile_size} (e.g. 64)")
   return TilingConfig(tile_size, overlap)
+
+
+def _thread_pools(options: HRNetOptions) -> tuple:
+  """(intra, inter) op threads per worker process; 0 leaves TensorFlow's default.
+
+  Never chosen automatically: oneDNN picks kernels by thread count, so features would
+  then differ in their last bits between 1 and 2 worker processes (measured), and
+  splitting the 2 cores here gained nothing (PERFORMANCE.md).
+  """
+  for name in ("tf_intra_op_threads", "tf_inter_op_threads"):
+    if getattr(options, name) < 0:
+      raise ConfigError(f"--{name} {getattr(options, name)}: use 0 (TF's default) or more")
+  return options.tf_intra_op_threads, options.tf_inter_op_threads
 
 
 def _model_handle(model: str) -> str:
@@ -293,13 +315,15 @@ def job_config_from_options(options: HRNetOptions,
     if not options.outputs or OUTPUT_MASKS not in _parse_outputs(options.outputs):
       raise ConfigError("--mask_geotiff_dir needs masks: add 'masks' to --outputs")
     _check_writable(options.mask_geotiff_dir.rstrip("/") + "/mask", run_id)
+  threads = _thread_pools(options)
   handle = _model_handle(options.model)
   # The hardware check means something before launch only where the workers run here.
   local = runs_on_this_machine(options)
   try:
     info = inspect_model(handle, options.model_cache_dir, keep_model_for_local_worker,
                          options.precision if local else FLOAT32,
-                         options.precision_fallback if local else "float32")
+                         options.precision_fallback if local else "float32",
+                         threads if keep_model_for_local_worker else (0, 0))
   except (ModelLoadError, PrecisionUnsupportedError) as e:
     raise ConfigError(str(e)) from e
   labels = _resolve_labels(options, handle, info.local_dir) or labels_lib.generic_labels(
@@ -324,7 +348,8 @@ def job_config_from_options(options: HRNetOptions,
       model_batch_size=options.model_batch_size,
       share_model_across_processes=options.share_model_across_processes,
       model_copies=options.model_copies, max_error_fraction=options.max_error_fraction,
-      require_gpu=_asks_for_gpu(options))
+      require_gpu=_asks_for_gpu(options), intra_op_threads=threads[0],
+      inter_op_threads=threads[1])
   return JobConfig(
       input_patterns=tuple(options.input), output=rows_prefix, errors_output=errors_prefix,
       decode=DecodeConfig(

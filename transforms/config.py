@@ -51,6 +51,8 @@ class InferenceConfig:
   model_copies: int | None = None
   max_error_fraction: float | None = None
   require_gpu: bool = False    # workers fail at model load if TensorFlow sees no GPU
+  intra_op_threads: int = 0    # TensorFlow's thread pools per process; 0: TF's default
+  inter_op_threads: int = 0
 
   @property
   def want_masks(self) -> bool:

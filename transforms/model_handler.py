@@ -194,9 +194,31 @@ class NoGpuError(RuntimeError):
   """A worker that was asked for a GPU sees none: stop rather than crawl on the CPU."""
 
 
-def prepare_devices(require_gpu: bool) -> list:
-  """GPU memory growth on (set before any model loads), and the GPU check."""
+def set_thread_pools(intra_op_threads: int, inter_op_threads: int) -> None:
+  """TensorFlow's thread pools for this process (0 keeps TF's default: all cores).
+
+  Several worker processes on one machine, each with a pool of all cores, fight over
+  them; the pools can only be set before TensorFlow's runtime starts in the process.
+  """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  for wanted, getter, setter in (
+      (intra_op_threads, tf.config.threading.get_intra_op_parallelism_threads,
+       tf.config.threading.set_intra_op_parallelism_threads),
+      (inter_op_threads, tf.config.threading.get_inter_op_parallelism_threads,
+       tf.config.threading.set_inter_op_parallelism_threads)):
+    if wanted and getter() != wanted:
+      try:
+        setter(wanted)
+      except RuntimeError:  # the runtime already started here: keep what it has
+        logger.warning("TensorFlow already started in process %d; its thread pool stays "
+                       "at %d threads instead of %d", os.getpid(), getter(), wanted)
+
+
+def prepare_devices(require_gpu: bool, intra_op_threads: int = 0,
+                    inter_op_threads: int = 0) -> list:
+  """Thread pools and GPU memory growth (set before any model loads), and the GPU check."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  set_thread_pools(intra_op_threads, inter_op_threads)
   gpus = tf.config.list_physical_devices("GPU")
   for gpu in gpus:
     try:
@@ -222,13 +244,14 @@ def release_preloaded() -> None:
 
 
 def load_hrnet(handle: str, cache_dir: str = DEFAULT_CACHE_DIR, require_gpu: bool = False,
-               precision: str = FLOAT32, precision_fallback: str = "float32") -> LoadedHRNet:
+               precision: str = FLOAT32, precision_fallback: str = "float32",
+               threads: tuple = (0, 0)) -> LoadedHRNet:
   """Loads the model or raises ModelLoadError naming it, the cause and how to stage it.
 
   The precision is switched on before the model's functions are first traced; a
   precision the hardware lacks raises PrecisionUnsupportedError or falls back to float32.
   """
-  prepare_devices(require_gpu)
+  prepare_devices(require_gpu, *threads)
   choice = apply_precision(precision, precision_fallback)
   preloaded = _PRELOADED.pop((handle, cache_dir, precision, precision_fallback), None)
   if preloaded is not None:
@@ -261,7 +284,7 @@ class ModelInfo:
 
 def inspect_model(handle: str, cache_dir: str = DEFAULT_CACHE_DIR,
                   keep_for_local_worker: bool = False, precision: str = FLOAT32,
-                  precision_fallback: str = "float32") -> ModelInfo:
+                  precision_fallback: str = "float32", threads: tuple = (0, 0)) -> ModelInfo:
   """Loads the model once, before launch, and reports what the pipeline needs to know.
 
   With keep_for_local_worker, the loaded model is handed to the first load_hrnet of the
@@ -269,7 +292,7 @@ def inspect_model(handle: str, cache_dir: str = DEFAULT_CACHE_DIR,
   precision only when workers run on this machine: elsewhere its hardware says nothing.
   """
   model = load_hrnet(handle, cache_dir, precision=precision,
-                     precision_fallback=precision_fallback)
+                     precision_fallback=precision_fallback, threads=threads)
   num_classes, feature_dim, cells = model.probe()
   if cells * 4 != 64:
     raise ModelLoadError(f"{handle}: get_features returned {cells} cells for 64 pixels; "
@@ -313,7 +336,8 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
   def load_model(self) -> LoadedHRNet:
     return load_hrnet(self._model_config.handle, self._model_config.cache_dir,
                       self._inference.require_gpu, self._model_config.precision,
-                      self._model_config.precision_fallback)
+                      self._model_config.precision_fallback,
+                      (self._inference.intra_op_threads, self._inference.inter_op_threads))
 
   def get_metrics_namespace(self) -> str:
     return METRICS_NAMESPACE
