@@ -114,8 +114,17 @@ class HRNetOptions(PipelineOptions):
              "on CPUs; raise it on GPUs. Features differ in their last bits between "
              "different values (kernels are chosen by batch size).")
     parser.add_argument(
+        "--window_threshold", type=int, default=64_000_000,
+        help="TIFFs (GeoTIFF, COG) with more pixels than this are never decoded whole: "
+             "they are read by windows of --block_size, through byte ranges for gs://, "
+             "spread over workers, and give one row per block.")
+    parser.add_argument(
+        "--block_size", type=int, default=4096,
+        help="Block side in pixels for rasters above --window_threshold.")
+    parser.add_argument(
         "--max_pixels", type=int, default=100_000_000,
-        help="Images declaring more pixels than this go to the errors output undecoded.")
+        help="Images declaring more pixels than this go to the errors output undecoded "
+             "(TIFFs above --window_threshold are read by blocks instead, never whole).")
     parser.add_argument(
         "--share_model_across_processes", action="store_true", default=False,
         help="Load one model per machine, shared by all its worker processes.")
@@ -299,7 +308,8 @@ def job_config_from_options(options: HRNetOptions,
   if not options.output:
     raise ConfigError("--output is required: a prefix such as 'out/segmentations' or "
                       "'gs://bucket/out/segmentations'")
-  for name in ("batch_size", "model_batch_size", "max_pixels", "model_copies"):
+  for name in ("batch_size", "model_batch_size", "max_pixels", "model_copies",
+               "window_threshold", "block_size"):
     _positive(name, getattr(options, name))
   if options.max_error_fraction is not None and not 0 <= options.max_error_fraction < 1:
     raise ConfigError(f"--max_error_fraction {options.max_error_fraction}: use a fraction "
@@ -355,7 +365,8 @@ def job_config_from_options(options: HRNetOptions,
       decode=DecodeConfig(
           options.max_pixels, options.max_error_fraction, options.input_format,
           options.tfrecord_image_key,
-          tuple(k.strip() for k in options.tfrecord_id_keys.split(",") if k.strip())),
+          tuple(k.strip() for k in options.tfrecord_id_keys.split(",") if k.strip()),
+          window_threshold=options.window_threshold, block_size=options.block_size),
       tiling=tiling,
       model=model, inference=inference, run_id=run_id, existing_rows=existing,
       max_error_fraction=options.max_error_fraction,

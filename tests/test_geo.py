@@ -133,3 +133,105 @@ def test_raster_that_is_all_nodata_gives_a_row_with_nothing_counted(pixel_local_
   assert row["valid_pixels"] == 0 and row["class_counts"] == [0] * NUM_CLASSES
   assert row["pooled_features"] is None
   assert (row["mask"] == NODATA_CLASS).all()
+
+
+def _tiled_geotiff(path, rgb, valid=None):
+  """A tiled GeoTIFF (256 px blocks) with nodata 0 where `valid` is False."""
+  rgb = np.maximum(rgb, 1)
+  if valid is not None:
+    rgb[~valid] = 0
+  return write_geotiff(path, rgb, nodata=0, tiled=True)
+
+
+def test_huge_raster_is_read_by_blocks_equal_to_blocks_cut_by_hand(tiny_model, tmp_path):
+  height, width, block = 700, 900, 320
+  rgb = textured_image(height, width, seed=12)
+  valid = np.ones((height, width), bool)
+  valid[:, :40] = False                        # a nodata border crossing two blocks' edges
+  source = _tiled_geotiff(tmp_path / "big.tif", rgb.copy(), valid)
+  with rasterio.open(source) as dataset:       # what the windowed run must reproduce
+    pixels = np.moveaxis(dataset.read(), 0, -1)
+  by_hand = tmp_path / "by_hand"
+  by_hand.mkdir()
+  expected_transforms = {}
+  for y in range(0, height, block):
+    for x in range(0, width, block):
+      part = pixels[y:y + block, x:x + block]
+      path = by_hand / f"block_{y}_{x}.tif"
+      part_transform = TRANSFORM * rasterio.Affine.translation(x, y)
+      with rasterio.open(path, "w", driver="GTiff", width=part.shape[1],
+                         height=part.shape[0], count=3, dtype="uint8", nodata=0,
+                         crs=CRS.from_epsg(32632), transform=part_transform) as f:
+        f.write(np.moveaxis(part, -1, 0))
+      expected_transforms[(y, x)] = tuple(part_transform)[:6]
+  common = ["--model", tiny_model, "--tile_size", TILE, "--tile_overlap", OVERLAP]
+  summary = run_job("--input", source, "--output", tmp_path / "w" / "rows",
+                    "--window_threshold", 100_000, "--block_size", block, *common)
+  run_job("--input", by_hand / "*.tif", "--output", tmp_path / "h" / "rows", *common)
+  windowed = read_rows(tmp_path / "w" / "rows")
+  cut = {(r["crs_epsg"], tuple(r["transform"])): r
+         for r in read_rows(tmp_path / "h" / "rows").values()}
+  assert summary.rows == len(windowed) == len(cut) == 9
+  assert summary.metrics["windowed_rasters"] == 1
+  for image_id, row in windowed.items():
+    y, x = row["block_y"], row["block_x"]
+    assert image_id == f"{source}#block={y},{x}" and row["source"] == source
+    assert tuple(row["transform"]) == expected_transforms[(y, x)]
+    twin = cut[(32632, expected_transforms[(y, x)])]
+    assert (row["height"], row["width"]) == (twin["height"], twin["width"])
+    assert row["mask_png"] == twin["mask_png"]
+    assert row["class_counts"] == twin["class_counts"]
+    assert row["pooled_features"] == twin["pooled_features"]
+    assert row["valid_pixels"] == int(valid[y:y + block, x:x + block].sum())
+  full = np.zeros((height, width), np.uint8)   # the blocks put together cover the raster
+  for row in windowed.values():
+    full[row["block_y"]:row["block_y"] + row["height"],
+         row["block_x"]:row["block_x"] + row["width"]] = row["mask"]
+  assert (full[:, :40] == NODATA_CLASS).all() and (full[:, 40:] != NODATA_CLASS).all()
+
+
+PEAK_SCRIPT = """
+import sys
+from pipeline.job import run
+summary = run(sys.argv[1:])
+assert summary.errors == 0, summary
+print("ROWS", summary.rows)
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        print("PEAK", int(line.split()[1]) * 1024)
+"""
+
+
+def _peak_run(*args):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *map(str, args)],
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  values = dict(line.split() for line in done.stdout.splitlines()
+                if line.startswith(("ROWS", "PEAK")))
+  return int(values["ROWS"]), int(values["PEAK"])
+
+
+def test_20000_pixel_raster_runs_in_bounded_memory(pixel_local_model, tmp_path):
+  """20000 x 20000 RGB is 1.2 GB of pixels (4.8 GB as float32): read by 4096-pixel
+  blocks, the run's peak stays far below holding the raster even once."""
+  side, step = 20000, 2000
+  path = str(tmp_path / "huge.tif")
+  with rasterio.open(path, "w", driver="GTiff", width=side, height=side, count=3,
+                     dtype="uint8", crs=CRS.from_epsg(32632), transform=TRANSFORM,
+                     tiled=True, blockxsize=512, blockysize=512, compress="deflate") as f:
+    stripe = np.moveaxis(textured_image(step, side, seed=3), -1, 0)
+    for y in range(0, side, step):
+      f.write(stripe, window=rasterio.windows.Window(0, y, side, step))
+  small = save_image(tmp_path / "small.png", textured_image(512, 512, seed=4))
+  common = ["--model", pixel_local_model, "--tile_size", 512, "--tile_overlap", 64]
+  rows, baseline = _peak_run("--input", small, "--output", tmp_path / "s" / "rows", *common)
+  assert rows == 1
+  rows, peak = _peak_run("--input", path, "--output", tmp_path / "b" / "rows",
+                         "--block_size", 4096, *common)
+  assert rows == 25                                    # 5 x 5 blocks
+  raster_bytes = side * side * 3
+  print(f"peak RSS {peak / 2**20:.0f} MiB, baseline {baseline / 2**20:.0f} MiB, "
+        f"raster {raster_bytes / 2**20:.0f} MiB")
+  assert peak - baseline < 0.75 * raster_bytes

@@ -16,6 +16,8 @@ class DecodeConfig:
   input_format: str = "auto"              # auto (by extension), image, tfrecord or tar
   tfrecord_image_key: str = "image/encoded"
   tfrecord_id_keys: tuple = ("image/filename", "image/id")
+  window_threshold: int = 64_000_000   # TIFFs above this many pixels are read by block
+  block_size: int = 4096               # block side for those; one row per block
 
 
 @dataclasses.dataclass(frozen=True)

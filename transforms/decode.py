@@ -128,6 +128,12 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
   return _decode_with_pillow(data, max_pixels)
 
 
+def read_block(block):
+  """A RasterBlock's pixels, read as a window of its raster (geo.py)."""
+  from transforms import geo  # pylint: disable=import-outside-toplevel
+  return geo.read_window(block.source, block.y, block.x, block.height, block.width, _to_rgb)
+
+
 def decode_raster(data: bytes, max_pixels: int):
   """Like decode_image, plus georeferencing and nodata for GeoTIFFs (geo.py)."""
   from transforms import geo  # pylint: disable=import-outside-toplevel

@@ -97,3 +97,55 @@ def mask_geotiff_bytes(mask: np.ndarray, geo: GeoReference, palette: list) -> by
       dataset.write(mask, 1)
       dataset.write_colormap(1, colormap)
     return memory.read()
+
+
+def _open(path: str):
+  """A rasterio dataset on a local or Beam-filesystem path (gs://), read by byte ranges:
+  only the header and the blocks a window touches are fetched."""
+  import rasterio  # pylint: disable=import-outside-toplevel
+  if "://" not in path or path.startswith("file://"):
+    return rasterio.open(path[len("file://"):] if path.startswith("file://") else path)
+  # pylint: disable=import-outside-toplevel
+  from apache_beam.io.filesystem import CompressionTypes
+  from apache_beam.io.filesystems import FileSystems
+
+  def opener(uri, mode="rb"):
+    del mode
+    return FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED)
+  return rasterio.open(path, opener=opener)
+
+
+def raster_size(path: str) -> tuple[int, int]:
+  """(height, width) from the header alone."""
+  with _open(path) as dataset:
+    return dataset.height, dataset.width
+
+
+def block_grid(height: int, width: int, block_size: int) -> list:
+  """(y, x, block height, block width) of fixed blocks covering the raster, row by row."""
+  return [(y, x, min(block_size, height - y), min(block_size, width - x))
+          for y in range(0, height, block_size) for x in range(0, width, block_size)]
+
+
+def read_window(path: str, y: int, x: int, height: int, width: int, to_rgb) -> Raster:
+  """One block of a raster, with its own transform and nodata mask; nothing else read."""
+  # pylint: disable=import-outside-toplevel
+  from rasterio.enums import ColorInterp
+  from rasterio.windows import Window
+  from rasterio.windows import transform as window_transform
+  from transforms.decode import DecodeError
+  window = Window(x, y, width, height)
+  try:
+    with _open(path) as dataset:
+      bands = [i + 1 for i, interp in enumerate(dataset.colorinterp)
+               if interp != ColorInterp.alpha][:3]
+      array = np.moveaxis(dataset.read(bands, window=window), 0, -1)
+      mask = dataset.dataset_mask(window=window) != 0
+      whole = georeference(dataset)
+      geo = None if whole is None else GeoReference(
+          whole.crs_wkt, whole.crs_epsg,
+          tuple(float(v) for v in tuple(window_transform(window, dataset.transform))[:6]))
+  except Exception as e:  # pylint: disable=broad-except
+    raise DecodeError(f"unreadable window y={y} x={x} {height}x{width}: "
+                      f"{type(e).__name__}: {e}") from e
+  return Raster(to_rgb(array), geo, None if mask.all() else mask)

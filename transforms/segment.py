@@ -59,7 +59,9 @@ def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model_handl
                       class_counts, pooled, model_handle, precision, valid_pixels=counted,
                       crs_wkt=geo.crs_wkt if geo else None,
                       crs_epsg=geo.crs_epsg if geo else None,
-                      transform=list(geo.transform) if geo else None)
+                      transform=list(geo.transform) if geo else None,
+                      block_y=image.block[0] if image.block else None,
+                      block_x=image.block[1] if image.block else None)
 
 
 class _TileFn(beam.DoFn):
@@ -72,7 +74,8 @@ class _TileFn(beam.DoFn):
   def process(self, record: ImageRecord):
     height, width = record.pixels.shape[:2]
     specs = tile_grid(height, width, self._config.tile_size, self._config.tile_overlap)
-    info = ImageInfo(record.image_id, record.source, height, width, len(specs), record.geo)
+    info = ImageInfo(record.image_id, record.source, height, width, len(specs), record.geo,
+                     record.block)
     self._tiles.inc(len(specs))
     size = self._config.tile_size
     for spec in specs:

@@ -30,6 +30,7 @@ class ImageRecord:
   pixels: np.ndarray
   geo: Optional[GeoReference] = None
   valid: Optional[np.ndarray] = None
+  block: Optional[tuple] = None        # (y, x) offset in the source raster for a block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,20 @@ class EncodedImage:
 
 
 @dataclasses.dataclass(frozen=True)
+class RasterBlock:
+  """A fixed block of a raster too big to decode whole; read as a window when decoded.
+
+  image_id is '<raster URI>#block=<y>,<x>'.
+  """
+  image_id: str
+  source: str
+  y: int
+  x: int
+  height: int
+  width: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ImageInfo:
   """What every tile of an image carries so results can be stitched without a lookup."""
   image_id: str
@@ -49,6 +64,7 @@ class ImageInfo:
   width: int
   num_tiles: int
   geo: Optional[GeoReference] = None
+  block: Optional[tuple] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +120,8 @@ class Segmentation:
   crs_epsg: Optional[int] = None
   transform: Optional[list] = None      # GeoReference.transform
   mask_geotiff: Optional[str] = None    # URI of the mask as a COG (--mask_geotiff_dir)
+  block_y: Optional[int] = None         # a block's offset in its raster (huge rasters)
+  block_x: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)

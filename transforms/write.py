@@ -41,6 +41,8 @@ _FIELDS = [
     pa.field("crs_epsg", pa.int32()),
     pa.field("transform", pa.list_(pa.float64())),
     pa.field("mask_geotiff", pa.string()),
+    pa.field("block_y", pa.int32()),
+    pa.field("block_x", pa.int32()),
 ]
 
 
@@ -93,7 +95,7 @@ class WriteSegmentations(beam.PTransform):
         rows
         | "AsDicts" >> beam.Map(dataclasses.asdict)
         # Rows carry mask PNGs of up to a few MB: small record batches bound the memory.
-        | "WriteParquet" >> WriteToParquet(self._prefix, self._schema, record_batch_size=16,
+        | "WriteParquet" >> WriteToParquet(self._prefix, self._schema, record_batch_size=4,
                                            row_group_buffer_size=32 << 20,
                                            file_name_suffix=".parquet", codec="snappy"))
 
