@@ -336,10 +336,11 @@ def job_config_from_options(options: HRNetOptions,
                          threads if keep_model_for_local_worker else (0, 0))
   except (ModelLoadError, PrecisionUnsupportedError) as e:
     raise ConfigError(str(e)) from e
-  labels = _resolve_labels(options, handle, info.local_dir) or labels_lib.generic_labels(
+  found = _resolve_labels(options, handle, info.local_dir) or labels_lib.generic_labels(
       info.num_classes)
-  if labels.num_classes != info.num_classes:
-    raise ConfigError(f"the labels ({labels.name}) name {labels.num_classes} classes but "
+  labels = labels_lib.fit_to_model(found, info.num_classes)
+  if labels is None:
+    raise ConfigError(f"the labels ({found.name}) name {found.num_classes} classes but "
                       f"model {handle} outputs {info.num_classes}: pass a matching "
                       "--labels_file")
   if info.num_classes > 255:

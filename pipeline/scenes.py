@@ -56,22 +56,49 @@ class _Canvas:
     if label is not None:
       self.labels[mask] = label
 
-  def box(self, y0, x0, y1, x1):
+  def window(self, y0, x0, y1, x1):
+    """A box clipped to the canvas as (y0, y1, x0, x1), or None when empty.
+
+    Painting a window instead of a full-size mask keeps generation linear in the
+    number of pixels (a 3000^2 scene: minutes before, seconds after), with the same
+    random draws in the same order, so scenes are unchanged.
+    """
     y0, y1 = max(0, int(y0)), min(self.height, int(y1))
     x0, x1 = max(0, int(x0)), min(self.width, int(x1))
-    mask = np.zeros((self.height, self.width), bool)
-    if y1 > y0 and x1 > x0:
-      mask[y0:y1, x0:x1] = True
-    return mask
+    return (y0, y1, x0, x1) if y1 > y0 and x1 > x0 else None
 
-  def disc(self, cy, cx, radius):
-    y0, y1 = max(0, int(cy - radius)), min(self.height, int(cy + radius) + 1)
-    x0, x1 = max(0, int(cx - radius)), min(self.width, int(cx + radius) + 1)
-    mask = np.zeros((self.height, self.width), bool)
-    if y1 > y0 and x1 > x0:
-      yy, xx = np.mgrid[y0:y1, x0:x1]
-      mask[y0:y1, x0:x1] = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
-    return mask
+  def disc_window(self, cy, cx, radius):
+    """(window, mask within it) of a disc, or (None, None) when it misses the canvas."""
+    window = self.window(cy - radius, cx - radius, int(cy + radius) + 1,
+                         int(cx + radius) + 1)
+    if window is None:
+      return None, None
+    return window, self.disc_in(window, cy, cx, radius)
+
+  @staticmethod
+  def disc_in(window, cy, cx, radius):
+    y0, y1, x0, x1 = window
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+
+  def paint_window(self, window, local, colour, label, texture=12.0):
+    """paint() restricted to a window; local is a mask within it, None for all of it."""
+    if window is None:
+      return
+    y0, y1, x0, x1 = window
+    count = (y1 - y0) * (x1 - x0) if local is None else int(local.sum())
+    if count == 0:
+      return
+    noise = self.rng.normal(0, texture, (count, 1)) + self.rng.normal(0, texture / 3, (count, 3))
+    image, labels = self.image[y0:y1, x0:x1], self.labels[y0:y1, x0:x1]
+    if local is None:
+      image[...] = (np.asarray(colour, np.float32) + noise).reshape(y1 - y0, x1 - x0, 3)
+      if label is not None:
+        labels[...] = label
+    else:
+      image[local] = np.asarray(colour, np.float32) + noise
+      if label is not None:
+        labels[local] = label
 
 
 def generate_scene(height: int, width: int, seed: int, kind: str = "mixed"
@@ -93,8 +120,9 @@ def generate_scene(height: int, width: int, seed: int, kind: str = "mixed"
   for _ in range(rng.poisson(density["clutter"] * megapixels) + 1):
     h, w = rng.integers(12, 50, 2)
     y, x = rng.integers(0, height), rng.integers(0, width)
-    canvas.paint(canvas.box(y, x, y + h, x + w),
-                 rng.choice([(130, 100, 70), (150, 120, 90), (95, 80, 70)]), CLUTTER, 18)
+    canvas.paint_window(canvas.window(y, x, y + h, x + w), None,
+                        rng.choice([(130, 100, 70), (150, 120, 90), (95, 80, 70)]), CLUTTER,
+                        18)
 
   # Road grid with lane marks, and curved roads.
   road_colour = (118, 118, 115)
@@ -105,9 +133,10 @@ def generate_scene(height: int, width: int, seed: int, kind: str = "mixed"
     extent = height if axis == 0 else width
     while position < extent:
       half = int(rng.integers(7, 12))
-      mask = (canvas.box(position - half, 0, position + half, width) if axis == 0 else
-              canvas.box(0, position - half, height, position + half))
-      roads |= mask
+      window = (canvas.window(position - half, 0, position + half, width) if axis == 0 else
+                canvas.window(0, position - half, height, position + half))
+      if window is not None:
+        roads[window[0]:window[1], window[2]:window[3]] = True
       position += int(rng.integers(low, high))
   for _ in range(density["curves"]):
     yy, xx = np.mgrid[0:height, 0:width]
@@ -116,7 +145,7 @@ def generate_scene(height: int, width: int, seed: int, kind: str = "mixed"
         2 * np.pi * xx / period + rng.uniform(0, 6))
     roads |= np.abs(yy - centre) < rng.integers(6, 10)
   canvas.paint(roads, road_colour, IMPERVIOUS, 6)
-  marks = roads & canvas.box(0, 0, height, width)
+  marks = roads.copy()
   dashes = ((np.arange(width)[None, :] // 12) % 3 == 0) & ((np.arange(height)[:, None] // 12) % 3 == 0)
   canvas.paint(marks & dashes & (rng.random((height, width)) < 0.08), (235, 235, 230),
                IMPERVIOUS, 4)
@@ -125,22 +154,31 @@ def generate_scene(height: int, width: int, seed: int, kind: str = "mixed"
   for _ in range(rng.poisson(density["lots"] * megapixels)):
     h, w = rng.integers(30, 90, 2)
     y, x = rng.integers(0, height), rng.integers(0, width)
-    canvas.paint(canvas.box(y, x, y + h, x + w), (150, 148, 140), IMPERVIOUS, 8)
+    canvas.paint_window(canvas.window(y, x, y + h, x + w), None, (150, 148, 140),
+                        IMPERVIOUS, 8)
 
   # Buildings off the roads, with a lit and a shaded roof half and a shadow.
   roofs = [(170, 70, 55), (140, 60, 50), (200, 200, 205), (85, 85, 95), (110, 95, 80)]
   for _ in range(rng.poisson(density["buildings"] * megapixels)):
     h, w = rng.integers(16, 55 if kind == "urban" else 36, 2)
     y, x = int(rng.integers(0, height)), int(rng.integers(0, width))
-    footprint = canvas.box(y, x, y + h, x + w)
-    if (footprint & roads).any():
+    footprint = canvas.window(y, x, y + h, x + w)
+    if footprint is not None and roads[footprint[0]:footprint[1],
+                                       footprint[2]:footprint[3]].any():
       continue
-    shadow = canvas.box(y + 4, x + 4, y + h + 6, x + w + 6) & ~footprint & ~roads
-    canvas.image[shadow] *= 0.55
+    shadow = canvas.window(y + 4, x + 4, y + h + 6, x + w + 6)
+    if shadow is not None:
+      sy0, sy1, sx0, sx1 = shadow
+      outside = ~roads[sy0:sy1, sx0:sx1]
+      if footprint is not None:   # the footprint's part of the shadow window is lit
+        outside[max(footprint[0] - sy0, 0):max(footprint[1] - sy0, 0),
+                max(footprint[2] - sx0, 0):max(footprint[3] - sx0, 0)] = False
+      canvas.image[sy0:sy1, sx0:sx1][outside] *= 0.55
     colour = np.asarray(roofs[int(rng.integers(len(roofs)))], np.float32)
-    canvas.paint(footprint, colour, BUILDING, 6)
-    half = canvas.box(y, x, y + h, x + w // 2)
-    canvas.image[half] *= 0.82
+    canvas.paint_window(footprint, None, colour, BUILDING, 6)
+    half = canvas.window(y, x, y + h, x + w // 2)
+    if half is not None:
+      canvas.image[half[0]:half[1], half[2]:half[3]] *= 0.82
 
   # Cars on roads.
   road_pixels = np.argwhere(roads)
@@ -151,15 +189,18 @@ def generate_scene(height: int, width: int, seed: int, kind: str = "mixed"
     h, w = (5, 10) if rng.random() < 0.5 else (10, 5)
     colour = rng.choice([(200, 30, 30), (30, 30, 160), (230, 230, 230), (20, 20, 20),
                          (180, 180, 40)])
-    canvas.paint(canvas.box(cy, cx, cy + h, cx + w), colour, CAR, 6)
+    canvas.paint_window(canvas.window(cy, cx, cy + h, cx + w), None, colour, CAR, 6)
 
   # Round, textured tree crowns (over grass, roads and roof edges alike).
   for _ in range(rng.poisson(density["trees"] * megapixels)):
     radius = rng.uniform(6, 18)
     cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-    crown = canvas.disc(cy, cx, radius)
-    canvas.paint(crown, (38, 78, 34), TREE, 14)
-    canvas.image[crown & canvas.disc(cy - radius * 0.3, cx - radius * 0.3, radius * 0.5)] += 18
+    window, crown = canvas.disc_window(cy, cx, radius)
+    if window is None:
+      continue
+    canvas.paint_window(window, crown, (38, 78, 34), TREE, 14)
+    lit = crown & canvas.disc_in(window, cy - radius * 0.3, cx - radius * 0.3, radius * 0.5)
+    canvas.image[window[0]:window[1], window[2]:window[3]][lit] += 18
 
   return np.clip(canvas.image, 0, 255).astype(np.uint8), canvas.labels
 

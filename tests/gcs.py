@@ -85,6 +85,7 @@ class FaultProxy:
                lifetime_s: float = 300.0):
     self.faults = {"503": 0, "429": 0, "drop": 0}
     self.forwarded = 0
+    self.bytes_out = {}   # request path -> response bytes, to see what a reader fetched
     self._lock = threading.Lock()
     self._random = random.Random(seed)
     self._fraction = fraction
@@ -123,6 +124,8 @@ class FaultProxy:
         data = response.read()
         with proxy._lock:
           proxy.forwarded += 1
+          path = self.path.split("?", 1)[0]
+          proxy.bytes_out[path] = proxy.bytes_out.get(path, 0) + len(data)
         self.send_response(response.status, response.reason)
         for key, value in response.getheaders():
           if key.lower() not in ("transfer-encoding", "connection", "content-length"):

@@ -107,3 +107,42 @@ def test_shards_in_a_bucket(gcs, bucket, pixel_local_model, tmp_path):
   rows = _read_rows_through_gcsfs(gcs.emulator.endpoint, f"{bucket}/out/rows")
   assert sorted(rows) == sorted([f"{bucket}/shards/a.tfrecord.gz#r{i}" for i in range(3)] +
                                 [f"{bucket}/shards/b.tar#k1", f"{bucket}/shards/b.tar#k2"])
+
+
+def test_huge_raster_in_a_bucket_is_read_by_byte_ranges(gcs, bucket, tiny_model, tmp_path):
+  """A tiled GeoTIFF in GCS: one window reads a small part of the file, and the whole job
+  (blocks, georeferenced mask COGs) works on gs:// as locally."""
+  import rasterio  # pylint: disable=import-outside-toplevel
+  from test_geo import write_geotiff  # pylint: disable=import-outside-toplevel
+  from transforms import geo  # pylint: disable=import-outside-toplevel
+  from transforms.decode import _to_rgb  # pylint: disable=import-outside-toplevel
+  side = 2048
+  rng = np.random.default_rng(0)
+  noise = rng.integers(1, 255, (side, side, 3), dtype=np.uint8)   # barely compressible
+  local = write_geotiff(tmp_path / "huge.tif", noise, tiled=True)
+  size = os.path.getsize(local)
+  with open(local, "rb") as f:
+    _upload(f"{bucket}/rasters/huge.tif", f.read())
+  source = f"{bucket}/rasters/huge.tif"
+  gcs.proxy.bytes_out.clear()
+  window = geo.read_window(source, 1024, 512, 256, 256, _to_rgb)
+  fetched = sum(n for path, n in gcs.proxy.bytes_out.items() if "huge.tif" in path)
+  np.testing.assert_array_equal(window.pixels, noise[1024:1280, 512:768])
+  assert window.geo.crs_epsg == 32632
+  assert fetched < size / 4, (fetched, size)       # 1/64 of the raster, in 1 MiB ranges
+  summary = run_job("--input", source, "--output", f"{bucket}/out/rows", "--model",
+                    tiny_model, "--window_threshold", 1_000_000, "--block_size", 1024,
+                    "--tile_size", 256, "--tile_overlap", 32, "--outputs", "masks",
+                    "--mask_geotiff_dir", f"{bucket}/masks")
+  assert (summary.inputs, summary.rows, summary.errors) == (4, 4, 0)
+  rows = _read_rows_through_gcsfs(gcs.emulator.endpoint, f"{bucket}/out/rows")
+  assert sorted((r["block_y"], r["block_x"]) for r in rows.values()) == [
+      (0, 0), (0, 1024), (1024, 0), (1024, 1024)]
+  for row in rows.values():
+    assert row["mask_geotiff"].startswith(f"{bucket}/masks/huge-")
+    with FileSystems.open(row["mask_geotiff"],
+                          compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      data = f.read()
+    with rasterio.io.MemoryFile(data) as memory, memory.open() as mask_file:
+      assert tuple(mask_file.transform)[:6] == tuple(row["transform"])
+      assert (mask_file.height, mask_file.width) == (1024, 1024)

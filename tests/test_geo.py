@@ -235,3 +235,34 @@ def test_20000_pixel_raster_runs_in_bounded_memory(pixel_local_model, tmp_path):
   print(f"peak RSS {peak / 2**20:.0f} MiB, baseline {baseline / 2**20:.0f} MiB, "
         f"raster {raster_bytes / 2**20:.0f} MiB")
   assert peak - baseline < 0.75 * raster_bytes
+
+
+def test_rgbn_geotiff_bands_are_chosen_by_channel_mapping(pixel_local_model, tmp_path):
+  """A 4-band RGBN GeoTIFF keeps its NIR band: '3,0,1' feeds NIR, R, G to the model and
+  must equal an NRG image run as RGB; rgb takes the first three; a band the raster lacks
+  is an error for that input, not for the job."""
+  rgbn = textured_image(150, 170, seed=21, channels=4)
+  path = tmp_path / "in" / "rgbn.tif"
+  path.parent.mkdir()
+  with rasterio.open(path, "w", driver="GTiff", width=170, height=150, count=4,
+                     dtype="uint8", crs=CRS.from_epsg(32632), transform=TRANSFORM,
+                     photometric="RGB", alpha="UNSPECIFIED") as f:
+    # As RGBN products (e.g. NAIP) declare it: the 4th band is data, not alpha.
+    f.write(np.moveaxis(rgbn, -1, 0))
+  nrg = save_image(tmp_path / "nrg.png", np.ascontiguousarray(rgbn[:, :, [3, 0, 1]]))
+  rgb = save_image(tmp_path / "rgb.png", np.ascontiguousarray(rgbn[:, :, :3]))
+  common = ["--model", pixel_local_model, "--tile_size", TILE, "--tile_overlap", OVERLAP]
+
+  def row(source, out, *flags):
+    run_job("--input", source, "--output", tmp_path / out / "rows", *common, *flags)
+    return next(iter(read_rows(tmp_path / out / "rows").values()))
+  mapped = row(path, "mapped", "--channel_mapping", "3,0,1")
+  assert mapped["mask_png"] == row(nrg, "nrg")["mask_png"]
+  assert mapped["class_counts"] == row(nrg, "nrg2")["class_counts"]
+  assert row(path, "first3")["mask_png"] == row(rgb, "rgb")["mask_png"]
+  summary = run_job("--input", path, "--output", tmp_path / "bad" / "rows", *common,
+                    "--channel_mapping", "5,0,1")
+  assert (summary.rows, summary.errors) == (0, 1)
+  from conftest import read_errors  # pylint: disable=import-outside-toplevel
+  assert "asks for band 5 but the image has 4 bands" in read_errors(
+      tmp_path / "bad" / "rows-errors")[0]["reason"]

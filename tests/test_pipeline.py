@@ -346,3 +346,19 @@ def test_unknown_short_model_name_lists_the_suite(tmp_path):
   with pytest.raises(ConfigError, match="not a short name of the HRNet suite .*ade20k.*vkitti2"):
     run_job("--input", tmp_path / "a.png", "--output", tmp_path / "o" / "rows", "--model",
             "isprz")
+
+
+@pytest.mark.parametrize("model_classes, expected", [(16, "fits"), (17, "added"), (18, None)])
+def test_suite_labels_fit_the_model_exactly_or_with_the_declared_added_class(
+    model_classes, expected):
+  from transforms import labels as labels_lib  # pylint: disable=import-outside-toplevel
+  isaid = labels_lib.labels_for_handle(labels_lib.resolve_model_name("isaid"))
+  assert isaid.num_classes == 16 and isaid.class_names[1] == "ship"
+  fitted = labels_lib.fit_to_model(isaid, model_classes)
+  if expected is None:
+    assert fitted is None
+  elif expected == "fits":
+    assert fitted == isaid
+  else:
+    assert fitted.class_names[-1] == "added_class" and fitted.num_classes == 17
+    assert len(fitted.palette) == 17 and "last is 'added_class'" in fitted.note

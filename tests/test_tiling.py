@@ -131,6 +131,11 @@ def test_channel_mappings():
   np.testing.assert_allclose(tiling.map_channels(unit, "irg"), [[[0.6, 0.9, 0.75]]])
   np.testing.assert_array_equal(tiling.map_channels(unit, "2,1,0"), unit[..., ::-1])
   assert tiling.parse_channel_mapping(" 2, 0,1".strip()) == "2,0,1"
-  for bad in ("bgr", "0,1", "0,1,3"):
+  rgbn = np.array([[[0.2, 0.6, 0.9, 0.7]]], np.float32)
+  np.testing.assert_array_equal(tiling.map_channels(rgbn, "3,0,1"), rgbn[..., [3, 0, 1]])
+  np.testing.assert_array_equal(tiling.map_channels(rgbn, "rgb"), unit)
+  with pytest.raises(ValueError, match="asks for band 3 but the image has 3 bands"):
+    tiling.map_channels(unit, "3,0,1")
+  for bad in ("bgr", "0,1", "0,1,16", "-1,0,1"):
     with pytest.raises(ValueError, match="channel mapping"):
       tiling.parse_channel_mapping(bad)

@@ -41,8 +41,15 @@ def check_size(height: int, width: int, max_pixels: int) -> None:
         f"--max_pixels={max_pixels}")
 
 
-def _to_rgb(array: np.ndarray) -> np.ndarray:
-  """(H, W), (H, W, 1..4) of any numeric dtype -> (H, W, 3) uint8 or uint16."""
+MAX_BANDS = 16   # bands kept from a GeoTIFF for --channel_mapping indices
+
+
+def _to_rgb(array: np.ndarray, keep_bands: bool = False) -> np.ndarray:
+  """(H, W), (H, W, 1..4) of any numeric dtype -> (H, W, 3) uint8 or uint16.
+
+  keep_bands (GeoTIFFs, whose alpha is already removed): 3 to MAX_BANDS bands are all
+  kept, for --channel_mapping band indices (e.g. RGBN).
+  """
   if array.ndim == 2:
     array = array[:, :, None]
   if array.ndim != 3 or array.shape[2] < 1:
@@ -50,6 +57,9 @@ def _to_rgb(array: np.ndarray) -> np.ndarray:
   channels = array.shape[2]
   if channels in (1, 2):       # gray, gray + alpha
     array = np.repeat(array[:, :, :1], 3, axis=2)
+  elif keep_bands:
+    if channels > MAX_BANDS:
+      raise DecodeError(f"{channels} bands: at most {MAX_BANDS} are read")
   elif channels >= 3:          # RGB, RGBA (alpha dropped); extra bands are not guessed at
     if channels > 4:
       raise DecodeError(f"{channels} bands: only 1-4 band images are read as RGB")

@@ -15,6 +15,7 @@ import numpy as np
 from transforms.types import GeoReference
 
 NODATA_CLASS = 255   # mask value of nodata pixels; never a class id (at most 255 classes)
+GCS_READ_CHUNK = 1 << 20   # bytes per ranged GCS read when reading a raster by windows
 
 # TIFF tags that make a file a GeoTIFF or give it a GDAL nodata value.
 _GEO_TAGS = {33550, 33922, 34264, 34735, 42113}
@@ -23,7 +24,8 @@ _MASK_SUBFILE_TYPE = 4   # NewSubfileType bit of GDAL's internal (per-dataset) m
 
 @dataclasses.dataclass(frozen=True)
 class Raster:
-  """Decoded pixels (H, W, 3) uint8/uint16, where on the map, and which pixels hold data."""
+  """Decoded pixels (H, W, C) uint8/uint16 (C = 3, or a GeoTIFF's bands), where on the
+  map, and which pixels hold data."""
   pixels: np.ndarray
   geo: Optional[GeoReference]
   valid: Optional[np.ndarray]   # (H, W) bool; None when every pixel holds data
@@ -67,7 +69,7 @@ def read_geotiff(data: bytes, max_pixels: int, to_rgb) -> Raster:
     with MemoryFile(data) as memory, memory.open() as dataset:
       check_size(dataset.height, dataset.width, max_pixels)
       bands = [i + 1 for i, interp in enumerate(dataset.colorinterp)
-               if interp != ColorInterp.alpha][:3]
+               if interp != ColorInterp.alpha]
       if not bands:
         raise DecodeError("raster has only an alpha band")
       array = np.moveaxis(dataset.read(bands), 0, -1)
@@ -77,7 +79,7 @@ def read_geotiff(data: bytes, max_pixels: int, to_rgb) -> Raster:
     raise
   except Exception as e:  # rasterio raises RasterioIOError and others for damaged files
     raise DecodeError(f"unreadable GeoTIFF: {e}") from e
-  return Raster(to_rgb(array), geo, None if mask.all() else mask)
+  return Raster(to_rgb(array, keep_bands=True), geo, None if mask.all() else mask)
 
 
 def mask_geotiff_bytes(mask: np.ndarray, geo: GeoReference, palette: list) -> bytes:
@@ -111,6 +113,10 @@ def _open(path: str):
 
   def opener(uri, mode="rb"):
     del mode
+    if uri.startswith("gs://"):
+      # Beam's default 16 MiB read buffer would fetch 16 MiB for every small seek.
+      from apache_beam.io.gcp import gcsio
+      return gcsio.GcsIO().open(uri, "rb", read_buffer_size=GCS_READ_CHUNK)
     return FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED)
   return rasterio.open(path, opener=opener)
 
@@ -138,7 +144,7 @@ def read_window(path: str, y: int, x: int, height: int, width: int, to_rgb) -> R
   try:
     with _open(path) as dataset:
       bands = [i + 1 for i, interp in enumerate(dataset.colorinterp)
-               if interp != ColorInterp.alpha][:3]
+               if interp != ColorInterp.alpha]
       array = np.moveaxis(dataset.read(bands, window=window), 0, -1)
       mask = dataset.dataset_mask(window=window) != 0
       whole = georeference(dataset)
@@ -148,4 +154,4 @@ def read_window(path: str, y: int, x: int, height: int, width: int, to_rgb) -> R
   except Exception as e:  # pylint: disable=broad-except
     raise DecodeError(f"unreadable window y={y} x={x} {height}x{width}: "
                       f"{type(e).__name__}: {e}") from e
-  return Raster(to_rgb(array), geo, None if mask.all() else mask)
+  return Raster(to_rgb(array, keep_bands=True), geo, None if mask.all() else mask)
