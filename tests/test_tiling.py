@@ -110,12 +110,6 @@ def test_pooling_over_tiles_counts_each_pixel_once(height, width, setting):
   np.testing.assert_allclose(total / (height * width), per_pixel.mean(axis=(0, 1)), rtol=1e-9)
 
 
-def test_feature_stride():
-  assert tiling.feature_stride(512, 128) == 4
-  with pytest.raises(ValueError):
-    tiling.feature_stride(512, 100)
-
-
 def test_to_unit_float_scales_by_dtype_range():
   np.testing.assert_array_equal(tiling.to_unit_float(np.array([0, 255], np.uint8)), [0, 1])
   np.testing.assert_allclose(tiling.to_unit_float(np.array([0, 65535, 32768], np.uint16)),
@@ -139,3 +133,19 @@ def test_channel_mappings():
   for bad in ("bgr", "0,1", "0,1,16", "-1,0,1"):
     with pytest.raises(ValueError, match="channel mapping"):
       tiling.parse_channel_mapping(bad)
+
+
+def test_cell_weight_map_pools_like_the_reference_sums():
+  """The weights the model step applies on the device give the reference pooling."""
+  rng = np.random.default_rng(2)
+  features = rng.normal(size=(16, 16, 6))
+  for box in [(0, 64, 0, 64), (5, 61, 3, 40), (32, 33, 7, 8)]:
+    weights = tiling.cell_weight_map(box, 4, 16)
+    np.testing.assert_allclose(np.einsum("ij,ijf->f", weights, features),
+                               tiling.pooled_feature_sum(features, box, 4), rtol=1e-12)
+    valid = rng.random((64, 64)) > 0.3
+    masked = tiling.cell_weight_map(box, 4, 16, valid)
+    np.testing.assert_allclose(np.einsum("ij,ijf->f", masked, features),
+                               tiling.pooled_feature_sum_masked(features, box, 4, valid),
+                               rtol=1e-12)
+    assert masked.sum() == valid[box[0]:box[1], box[2]:box[3]].sum()

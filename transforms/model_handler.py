@@ -25,13 +25,13 @@ from transforms.config import InferenceConfig, ModelConfig
 from transforms.geo import NODATA_CLASS
 from transforms.head import find_head, model_variables
 from transforms.precision import FLOAT32, apply_precision
-from transforms.tiling import (feature_stride, map_channels, own_box_in_tile,
-                               pooled_feature_sum, pooled_feature_sum_masked, to_unit_float)
+from transforms.tiling import cell_weight_map, map_channels, own_box_in_tile, to_unit_float
 from transforms.types import Tile, TileResult
 
 logger = logging.getLogger(__name__)
 
 METRICS_NAMESPACE = "hrnet_beam"
+FEATURE_STRIDE = 4   # HRNet features are at 1/4 of the input (checked by inspect_model)
 FUSED_FUNCTION = "predict_with_features"  # the stand-ins' one-pass function; hub models lack it
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hrnet_beam", "models")
 
@@ -154,6 +154,20 @@ class LoadedHRNet:
         def both(images):
           return class_ids(module.predict(images)), module.get_features(images)
     self._both = tf.function(both, input_signature=spec)
+    weights_spec = [tf.TensorSpec([None, None, None, 3], tf.float32),
+                    tf.TensorSpec([None, None, None], tf.float32)]
+
+    def pool(features, weights):
+      # Pixel-weighted sums per image: 720 numbers leave the device instead of the map.
+      return tf.einsum("bhw,bhwf->bf", weights, features)
+
+    def both_pooled(images, weights):
+      ids, features = both(images)
+      return ids, pool(features, weights)
+    self._both_pooled = tf.function(both_pooled, input_signature=weights_spec)
+    self._features_pooled = tf.function(
+        lambda images, weights: pool(module.get_features(images), weights),
+        input_signature=weights_spec)
     self._masks = tf.function(lambda images: class_ids(module.predict(images)),
                               input_signature=spec)
     self._features = tf.function(module.get_features, input_signature=spec)
@@ -166,12 +180,23 @@ class LoadedHRNet:
     """Unique per load: a metric of distinct ids counts the model copies that served."""
     return self._id
 
-  def infer(self, images: np.ndarray, want_masks: bool, want_features: bool
+  def infer(self, images: np.ndarray, want_masks: bool, want_features: bool,
+            cell_weights: Optional[np.ndarray] = None
             ) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-    """images (B, H, W, 3) float32 in [0, 1] -> (class ids (B,H,W) uint8, features)."""
+    """images (B, H, W, 3) float32 in [0, 1] -> (class ids (B,H,W) uint8, features).
+
+    Features are the maps (B, H/4, W/4, F), or with cell_weights (B, H/4, W/4) their
+    weighted sums (B, F), computed where the model runs.
+    """
     if images.dtype != np.float32:
       # A float32 signature casts uint8 without scaling: never let that happen silently.
       raise TypeError(f"images must be float32 in [0, 1], got {images.dtype}")
+    if want_features and cell_weights is not None:
+      weights = np.asarray(cell_weights, np.float32)
+      if want_masks:
+        ids, sums = self._both_pooled(images, weights)
+        return ids.numpy(), sums.numpy()
+      return None, self._features_pooled(images, weights).numpy()
     if want_masks and want_features:
       ids, features = self._both(images)
       return ids.numpy(), features.numpy()
@@ -315,8 +340,9 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
   and give other last bits for other sizes, so this makes rows independent of how Beam
   grouped the tiles, of the worker count and of the order tiles arrive in.
 
-  Feature maps never leave this step: each tile's features are pooled over its owned
-  box here (a 512x512 tile's map is 47 MB at W48). A group that fails is split and
+  Feature maps never leave TensorFlow: each tile's features are pooled over its owned
+  box (its valid pixels) by weights applied where the model runs, so 720 sums come back
+  instead of a 47 MB map per 512x512 tile at W48. A group that fails is split and
   retried, so only tiles that fail on their own are reported as failed. After an
   out-of-memory error the call size is halved and stays there.
   """
@@ -398,18 +424,20 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
     valid_own = [None if tile.valid is None else tile.valid[y0:y1, x0:x1]
                  for tile, (y0, y1, x0, x1) in zip(tiles, boxes)]
     needed = [i for i, valid in enumerate(valid_own) if valid is None or valid.any()]
-    class_ids = features = None
+    class_ids = sums = None
     if needed:
-      images = np.zeros((self._call_size, self._tile_size, self._tile_size, 3), np.float32)
+      size, cells = self._tile_size, self._tile_size // FEATURE_STRIDE
+      images = np.zeros((self._call_size, size, size, 3), np.float32)
+      weights = np.zeros((self._call_size, cells, cells), np.float32)
       for slot, i in enumerate(needed):
         images[slot] = map_channels(to_unit_float(tiles[i].pixels),
                                     self._model_config.channel_mapping)
-      class_ids, features = model.infer(images, self._inference.want_masks,
-                                        self._inference.want_features)
+        weights[slot] = cell_weight_map(boxes[i], FEATURE_STRIDE, cells, tiles[i].valid)
+      class_ids, sums = model.infer(images, self._inference.want_masks,
+                                    self._inference.want_features, weights)
     counters = self._counters()
     counters["inferred"].inc(len(needed))
     counters["nodata"].inc(len(tiles) - len(needed))
-    stride = feature_stride(self._tile_size, features.shape[1]) if features is not None else 0
     slot_of = {i: slot for slot, i in enumerate(needed)}
     precision = model.precision()
     results = []
@@ -427,10 +455,8 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
           ids = np.array(class_ids[slot, y0:y1, x0:x1])
           if valid is not None:
             ids[~valid] = NODATA_CLASS
-        if features is not None:
-          feature_sum = (pooled_feature_sum(features[slot], box, stride) if valid is None
-                         else pooled_feature_sum_masked(features[slot], box, stride,
-                                                        tile.valid))
+        if sums is not None:
+          feature_sum = sums[slot].astype(np.float64)
       results.append(TileResult(
           tile.image, tile.spec, class_ids=ids, feature_sum=feature_sum, precision=precision,
           counted_pixels=None if valid is None else int(np.count_nonzero(valid))))

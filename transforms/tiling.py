@@ -111,11 +111,21 @@ def pooled_feature_sum_masked(features: np.ndarray, box: tuple[int, int, int, in
                    .astype(np.float64), block, optimize=True)
 
 
-def feature_stride(tile_size: int, feature_cells: int) -> int:
-  """The feature map's stride in pixels; HRNet features are at exactly 1/4 of the tile."""
-  if feature_cells < 1 or tile_size % feature_cells:
-    raise ValueError(f"feature map of {feature_cells} cells does not divide tile {tile_size}")
-  return tile_size // feature_cells
+def cell_weight_map(box: tuple[int, int, int, int], stride: int, cells: int,
+                    valid: np.ndarray | None = None) -> np.ndarray:
+  """(cells, cells) float32: how many counted pixels of the box fall into each cell.
+
+  sum(weights[..., None] * features) is pooled_feature_sum (valid None) or
+  pooled_feature_sum_masked: the same pooling, as weights the model step applies on
+  the device, so feature maps never leave TensorFlow.
+  """
+  y0, y1, x0, x1 = box
+  if valid is None:
+    return np.outer(cell_weights(y0, y1, cells, stride),
+                    cell_weights(x0, x1, cells, stride)).astype(np.float32)
+  counted = np.zeros((cells * stride, cells * stride), dtype=bool)
+  counted[y0:y1, x0:x1] = valid[y0:y1, x0:x1]
+  return counted.reshape(cells, stride, cells, stride).sum(axis=(1, 3)).astype(np.float32)
 
 
 def stitch_mask(height: int, width: int, blocks) -> np.ndarray:
