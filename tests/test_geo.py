@@ -11,7 +11,7 @@ from rasterio.transform import from_origin
 from conftest import NUM_CLASSES, read_rows, run_job, save_image, textured_image
 from transforms.geo import NODATA_CLASS
 from transforms.labels import read_labels
-from transforms.tiling import pooled_feature_sum, pooled_feature_sum_masked, tile_grid
+from transforms.tiling import cell_weight_map, pooled_feature_sum, tile_grid
 
 TRANSFORM = from_origin(500000.0, 5800000.0, 0.25, 0.25)
 TILE, OVERLAP = 128, 32
@@ -36,20 +36,22 @@ def write_geotiff(path, rgb, *, alpha=None, nodata=None, epsg=32632, tiled=False
   return str(path)
 
 
-def test_masked_pooling_equals_plain_pooling_when_all_valid_and_brute_force_otherwise():
+def test_masked_cell_weights_pool_exactly_the_valid_pixels():
   rng = np.random.default_rng(0)
   features = rng.normal(size=(8, 8, 5))
   box = (3, 29, 0, 22)
   full = np.ones((32, 32), bool)
-  np.testing.assert_allclose(pooled_feature_sum_masked(features, box, 4, full),
-                             pooled_feature_sum(features, box, 4), rtol=1e-12)
+  np.testing.assert_allclose(
+      np.einsum("ij,ijf->f", cell_weight_map(box, 4, 8, full), features),
+      pooled_feature_sum(features, box, 4), rtol=1e-12)
   valid = rng.random((32, 32)) > 0.4
   per_pixel = np.repeat(np.repeat(features, 4, axis=0), 4, axis=1)
   inside = np.zeros((32, 32), bool)
   inside[3:29, 0:22] = True
   expected = per_pixel[valid & inside].sum(axis=0)
-  np.testing.assert_allclose(pooled_feature_sum_masked(features, box, 4, valid), expected,
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+      np.einsum("ij,ijf->f", cell_weight_map(box, 4, 8, valid), features), expected,
+      rtol=1e-12)
 
 
 def test_georeferencing_is_kept_and_the_mask_cog_aligns(tiny_model, tmp_path):

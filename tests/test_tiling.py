@@ -145,7 +145,9 @@ def test_cell_weight_map_pools_like_the_reference_sums():
                                tiling.pooled_feature_sum(features, box, 4), rtol=1e-12)
     valid = rng.random((64, 64)) > 0.3
     masked = tiling.cell_weight_map(box, 4, 16, valid)
+    per_pixel = np.repeat(np.repeat(features, 4, axis=0), 4, axis=1)
+    own_valid = np.zeros((64, 64), bool)
+    own_valid[box[0]:box[1], box[2]:box[3]] = valid[box[0]:box[1], box[2]:box[3]]
     np.testing.assert_allclose(np.einsum("ij,ijf->f", masked, features),
-                               tiling.pooled_feature_sum_masked(features, box, 4, valid),
-                               rtol=1e-12)
-    assert masked.sum() == valid[box[0]:box[1], box[2]:box[3]].sum()
+                               per_pixel[own_valid].sum(axis=0), rtol=1e-12)
+    assert masked.sum() == own_valid.sum()

@@ -55,31 +55,41 @@ def georeference(dataset) -> Optional[GeoReference]:
   return GeoReference(wkt, epsg, transform)
 
 
-def read_geotiff(data: bytes, max_pixels: int, to_rgb) -> Raster:
-  """Bytes of a GeoTIFF -> Raster. `to_rgb` maps (H, W, C) arrays to RGB as decode.py does.
+def _read_raster(dataset, to_rgb, window=None) -> Raster:
+  """The dataset's pixels (or a window's), their georeferencing and GDAL's dataset mask.
 
   Alpha bands are not pixels: with GDAL's nodata value and internal masks they decide
-  which pixels hold data (GDAL's dataset mask).
+  which pixels hold data. Every other band is kept, for --channel_mapping indices.
   """
   # pylint: disable=import-outside-toplevel
   from rasterio.enums import ColorInterp
+  from rasterio.windows import transform as window_transform
+  from transforms.decode import DecodeError
+  bands = [i + 1 for i, interp in enumerate(dataset.colorinterp) if interp != ColorInterp.alpha]
+  if not bands:
+    raise DecodeError("raster has only an alpha band")
+  array = np.moveaxis(dataset.read(bands, window=window), 0, -1)
+  mask = dataset.dataset_mask(window=window) != 0
+  geo = georeference(dataset)
+  if geo is not None and window is not None:   # a block is placed by its own transform
+    geo = dataclasses.replace(geo, transform=tuple(
+        float(v) for v in tuple(window_transform(window, dataset.transform))[:6]))
+  return Raster(to_rgb(array, keep_bands=True), geo, None if mask.all() else mask)
+
+
+def read_geotiff(data: bytes, max_pixels: int, to_rgb) -> Raster:
+  """Bytes of a GeoTIFF -> Raster. `to_rgb` maps (H, W, C) arrays as decode.py does."""
+  # pylint: disable=import-outside-toplevel
   from rasterio.io import MemoryFile
   from transforms.decode import DecodeError, check_size
   try:
     with MemoryFile(data) as memory, memory.open() as dataset:
       check_size(dataset.height, dataset.width, max_pixels)
-      bands = [i + 1 for i, interp in enumerate(dataset.colorinterp)
-               if interp != ColorInterp.alpha]
-      if not bands:
-        raise DecodeError("raster has only an alpha band")
-      array = np.moveaxis(dataset.read(bands), 0, -1)
-      mask = dataset.dataset_mask() != 0
-      geo = georeference(dataset)
+      return _read_raster(dataset, to_rgb)
   except DecodeError:
     raise
   except Exception as e:  # rasterio raises RasterioIOError and others for damaged files
     raise DecodeError(f"unreadable GeoTIFF: {e}") from e
-  return Raster(to_rgb(array, keep_bands=True), geo, None if mask.all() else mask)
 
 
 def mask_geotiff_bytes(mask: np.ndarray, geo: GeoReference, palette: list) -> bytes:
@@ -136,22 +146,11 @@ def block_grid(height: int, width: int, block_size: int) -> list:
 def read_window(path: str, y: int, x: int, height: int, width: int, to_rgb) -> Raster:
   """One block of a raster, with its own transform and nodata mask; nothing else read."""
   # pylint: disable=import-outside-toplevel
-  from rasterio.enums import ColorInterp
   from rasterio.windows import Window
-  from rasterio.windows import transform as window_transform
   from transforms.decode import DecodeError
-  window = Window(x, y, width, height)
   try:
     with _open(path) as dataset:
-      bands = [i + 1 for i, interp in enumerate(dataset.colorinterp)
-               if interp != ColorInterp.alpha]
-      array = np.moveaxis(dataset.read(bands, window=window), 0, -1)
-      mask = dataset.dataset_mask(window=window) != 0
-      whole = georeference(dataset)
-      geo = None if whole is None else GeoReference(
-          whole.crs_wkt, whole.crs_epsg,
-          tuple(float(v) for v in tuple(window_transform(window, dataset.transform))[:6]))
+      return _read_raster(dataset, to_rgb, Window(x, y, width, height))
   except Exception as e:  # pylint: disable=broad-except
     raise DecodeError(f"unreadable window y={y} x={x} {height}x{width}: "
                       f"{type(e).__name__}: {e}") from e
-  return Raster(to_rgb(array, keep_bands=True), geo, None if mask.all() else mask)

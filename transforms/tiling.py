@@ -93,31 +93,13 @@ def pooled_feature_sum(features: np.ndarray, box: tuple[int, int, int, int],
                    weights_x[cols[0]:cols[-1] + 1], block, optimize=True)
 
 
-def pooled_feature_sum_masked(features: np.ndarray, box: tuple[int, int, int, int],
-                              stride: int, valid: np.ndarray) -> np.ndarray:
-  """As pooled_feature_sum, counting only the box's pixels where `valid` (tile-sized
-  bool) is True: each cell weighs as many pixels as it holds valid ones."""
-  y0, y1, x0, x1 = box
-  cells_y, cells_x = features.shape[:2]
-  counted = np.zeros((cells_y * stride, cells_x * stride), dtype=bool)
-  counted[y0:y1, x0:x1] = valid[y0:y1, x0:x1]
-  weights = counted.reshape(cells_y, stride, cells_x, stride).sum(axis=(1, 3))
-  rows = np.nonzero(weights.any(axis=1))[0]
-  cols = np.nonzero(weights.any(axis=0))[0]
-  if rows.size == 0:
-    return np.zeros(features.shape[-1], dtype=np.float64)
-  block = features[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].astype(np.float64)
-  return np.einsum("ij,ijf->f", weights[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-                   .astype(np.float64), block, optimize=True)
-
-
 def cell_weight_map(box: tuple[int, int, int, int], stride: int, cells: int,
                     valid: np.ndarray | None = None) -> np.ndarray:
   """(cells, cells) float32: how many counted pixels of the box fall into each cell.
 
-  sum(weights[..., None] * features) is pooled_feature_sum (valid None) or
-  pooled_feature_sum_masked: the same pooling, as weights the model step applies on
-  the device, so feature maps never leave TensorFlow.
+  sum(weights[..., None] * features) is pooled_feature_sum when valid is None, and the
+  sum over the box's valid pixels otherwise: the pooling as weights the model step
+  applies where the model runs, so feature maps never leave TensorFlow.
   """
   y0, y1, x0, x1 = box
   if valid is None:
