@@ -141,9 +141,6 @@ def _precisions(args, model: str, images: list, float32_results: dict) -> dict:
   from pipeline import compare_precision
   from transforms.precision import (gpu_compute_capabilities, read_cpu_flags,
                                     unsupported_reason)
-  from transforms.tiling import to_unit_float, cut_tile, tile_grid
-  from transforms.decode import decode_image
-  import numpy as np
   reports = {}
   limit32 = float32_results["limit"]["tiles_per_s"]
   for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
@@ -154,10 +151,7 @@ def _precisions(args, model: str, images: list, float32_results: dict) -> dict:
       continue
     limit = _run_mode("limit", args, precision)
     pipeline = _run_mode("pipeline", args, precision)
-    with open(images[0], "rb") as f:
-      pixels = decode_image(f.read(), 10**9)
-    tiles = np.stack([to_unit_float(cut_tile(pixels, spec, TILE))
-                      for spec in tile_grid(*pixels.shape[:2], TILE, OVERLAP)][:8])
+    tiles = compare_precision.model_tiles([images[0]], TILE, OVERLAP, 8, "rgb")
     agreement = compare_precision.compare(model, precision, tiles, None)
     entry = {
         "limit_tiles_per_s": limit["tiles"] / limit["seconds"],

@@ -67,8 +67,9 @@ def agreement_report(reference_ids: np.ndarray, other_ids: np.ndarray,
   }
 
 
-def _tiles(patterns: list, tile_size: int, overlap: int, max_tiles: int,
-           channel_mapping: str) -> np.ndarray:
+def model_tiles(patterns: list, tile_size: int, overlap: int, max_tiles: int,
+                channel_mapping: str) -> np.ndarray:
+  """Up to max_tiles model-ready tiles (float32, mapped channels) of the matched images."""
   # pylint: disable=import-outside-toplevel
   from apache_beam.io.filesystems import FileSystems
   from transforms.decode import decode_image
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
             else labels_lib.labels_for_handle(args.model))
   mapping = parse_channel_mapping(args.channel_mapping or
                                   (labels.channel_mapping if labels else None) or "rgb")
-  tiles = _tiles(args.input, args.tile_size, args.tile_overlap, args.max_tiles, mapping)
+  tiles = model_tiles(args.input, args.tile_size, args.tile_overlap, args.max_tiles, mapping)
   report = compare(args.model, args.precision, tiles,
                    list(labels.class_names) if labels else None)
   print_report(report)

@@ -143,11 +143,8 @@ def recalibrate_batch_norm(model, images: np.ndarray) -> None:
 
 def calibration_images(seed: int, size: int = 256, count: int = 2) -> np.ndarray:
   """Smooth random colour fields in [0, 1]: closer to photographs than white noise."""
-  rng = np.random.default_rng(seed)
-  coarse = rng.random((count, size // 16 + 1, size // 16 + 1, 3)).astype(np.float32)
-  fine = np.repeat(np.repeat(coarse, 16, axis=1), 16, axis=2)[:, :size, :size]
-  noise = rng.normal(0, 0.05, fine.shape).astype(np.float32)
-  return np.clip(fine + noise, 0.0, 1.0)
+  from transforms.head import smooth_colour_images  # pylint: disable=import-outside-toplevel
+  return smooth_colour_images(seed, size, size, count)
 
 
 def export_saved_model(predict_and_features, variables, output_dir: str, *,

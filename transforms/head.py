@@ -108,12 +108,19 @@ def head_function(layout: HeadLayout, epsilon: float, softmax: bool) -> Callable
   return head
 
 
+def smooth_colour_images(seed: int, height: int, width: int, count: int = 1) -> np.ndarray:
+  """(count, H, W, 3) smooth random colour fields in [0, 1]: 16 px blocks plus noise,
+  closer to photographs than white noise (also the stand-ins' BN calibration input)."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.random((count, height // 16 + 1, width // 16 + 1, 3)).astype(np.float32)
+  fine = np.repeat(np.repeat(coarse, 16, axis=1), 16, axis=2)[:, :height, :width]
+  noise = rng.normal(0, 0.05, fine.shape).astype(np.float32)
+  return np.clip(fine + noise, 0.0, 1.0)
+
+
 def probe_images(height: int = 96, width: int = 128, seed: int = 7) -> np.ndarray:
   """A smooth, varied colour image: class scores with real spatial structure."""
-  rng = np.random.default_rng(seed)
-  coarse = rng.random((1, height // 16 + 1, width // 16 + 1, 3)).astype(np.float32)
-  fine = np.repeat(np.repeat(coarse, 16, axis=1), 16, axis=2)[:, :height, :width]
-  return np.clip(fine + rng.normal(0, 0.05, fine.shape).astype(np.float32), 0, 1)
+  return smooth_colour_images(seed, height, width)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,12 +17,12 @@ from apache_beam.io.parquetio import WriteToParquet
 
 from transforms.config import InferenceConfig, ModelConfig, TilingConfig
 from transforms.geo import NODATA_CLASS, mask_geotiff_bytes
+from transforms.model_handler import METRICS_NAMESPACE
 from transforms.types import ErrorRecord, GeoReference, Segmentation
 
 __all__ = ["WriteSegmentations", "WriteErrors", "WriteMaskGeoTiffs", "segmentation_schema"]
 
 logger = logging.getLogger(__name__)
-METRICS_NAMESPACE = "hrnet_beam"
 
 MASK_ENCODING = "PNG, 8-bit single channel, H x W; pixel value = index into class_names"
 
