@@ -22,7 +22,7 @@ setuptools.setup(
     description="Apache Beam pipelines that run HRNetV2 segmentation models over images in bulk",
     python_requires=">=3.11,<3.12",
     packages=["pipeline", "transforms", "benchmarks"],
-    package_data={"transforms": ["model_labels/*.json"]},
+    package_data={"transforms": ["model_labels/*.json"], "pipeline": ["scene_labels.json"]},
     install_requires=REQUIRED,
     extras_require={"test": ["pytest==9.2.0", "hypothesis==6.170.15",
                              "gcp-storage-emulator==2026.7.19", "pandas==3.1.1"]},

@@ -118,15 +118,16 @@ def _run_worker(model: str, precision: str, tiles_path: str, workdir: str) -> di
 def compare(model: str, precision: str, tiles: np.ndarray, class_names: list | None) -> dict:
   """Runs float32 and `precision` on the same tiles in two processes and compares them.
 
-  Without class names, classes are named by index up to the largest id seen.
+  Without class names (or with too few), classes are named by index up to the largest id
+  seen.
   """
   with tempfile.TemporaryDirectory() as workdir:
     tiles_path = os.path.join(workdir, "tiles.npy")
     np.save(tiles_path, tiles)
     reference = _run_worker(model, "float32", tiles_path, workdir)
     other = _run_worker(model, precision, tiles_path, workdir)
-  if class_names is None:
-    seen = int(max(reference["ids"].max(), other["ids"].max())) + 1
+  seen = int(max(reference["ids"].max(), other["ids"].max())) + 1
+  if class_names is None or seen > len(class_names):  # names that do not fit are not used
     class_names = [f"class_{i}" for i in range(seen)]
   report = agreement_report(reference["ids"], other["ids"], reference["features"],
                             other["features"], class_names)

@@ -336,13 +336,13 @@ def job_config_from_options(options: HRNetOptions,
                          threads if keep_model_for_local_worker else (0, 0))
   except (ModelLoadError, PrecisionUnsupportedError) as e:
     raise ConfigError(str(e)) from e
-  found = _resolve_labels(options, handle, info.local_dir) or labels_lib.generic_labels(
+  labels = _resolve_labels(options, handle, info.local_dir) or labels_lib.generic_labels(
       info.num_classes)
-  labels = labels_lib.fit_to_model(found, info.num_classes)
-  if labels is None:
-    raise ConfigError(f"the labels ({found.name}) name {found.num_classes} classes but "
-                      f"model {handle} outputs {info.num_classes}: pass a matching "
-                      "--labels_file")
+  if not labels_lib.fits_model(labels, info.num_classes):
+    raise ConfigError(f"the labels ({labels.name}) name {labels.num_classes} classes but "
+                      f"model {handle} outputs {info.num_classes}: pass --labels_file with "
+                      f"one class per output ({info.num_classes}; README, 'Class names and "
+                      "colours')")
   if info.num_classes > 255:
     raise ConfigError(f"model outputs {info.num_classes} classes; masks are 8-bit PNGs "
                       "and hold at most 255")

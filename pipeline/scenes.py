@@ -2,7 +2,7 @@
 
     python -m pipeline.scenes --output scenes/ --count 20 --height 1100 --width 1500
 
-Label ids are the ISPRS ones of transforms/model_labels/isprs.json: 0 clutter/background,
+Label ids are those of pipeline/scene_labels.json (ISPRS classes, clutter first): 0 clutter,
 1 impervious surfaces, 2 building, 3 low vegetation, 4 tree, 5 car. Scene kinds: "urban"
 (dense blocks, many roads and cars), "suburban" (houses in gardens, trees), "park"
 (grass, trees, paths, little else), and "mixed" (drawn at random per scene).
@@ -10,13 +10,27 @@ Label ids are the ISPRS ones of transforms/model_labels/isprs.json: 0 clutter/ba
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 import numpy as np
 from PIL import Image
 
-CLUTTER, IMPERVIOUS, BUILDING, LOW_VEGETATION, TREE, CAR = range(6)
+SCENE_LABELS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scene_labels.json")
+
+
+def scene_labels() -> dict:
+  """The scenes' labels file: class i names label id i of the generated ground truth."""
+  with open(SCENE_LABELS_FILE, encoding="utf-8") as f:
+    return json.load(f)
+
+
+_IDS = {c["name"]: i for i, c in enumerate(scene_labels()["classes"])}
+CLUTTER, IMPERVIOUS, BUILDING, LOW_VEGETATION, TREE, CAR = (
+    _IDS[n] for n in ("clutter", "impervious_surfaces", "building", "low_vegetation", "tree",
+                      "car"))
+SCENE_CLASSES = 6  # ids 0..5 occur in the ground truth
 KINDS = ("urban", "suburban", "park")
 
 _DENSITY = {  # per megapixel

@@ -5,8 +5,8 @@
 A toy, not the ISPRS model: HRNetV2-W8 with one block and one module per stage
 (0.40M parameters), trained with Adam on 256x256 scenes generated on the fly
 (pipeline/scenes.py), then exported with the TF Hub models' interface plus the fused
-function, and a labels file in the ISPRS scheme. Held-out scenes use seeds below
-TRAIN_SEED_START, so they are never trained on.
+function, and the scenes' labels file (pipeline/scene_labels.json). Held-out scenes use
+seeds below TRAIN_SEED_START, so they are never trained on.
 """
 import argparse
 import json
@@ -20,12 +20,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # pylint: disable=wrong-import-position
 
 from pipeline import hrnet, scenes  # pylint: disable=wrong-import-position
-from transforms import labels as labels_lib  # pylint: disable=wrong-import-position
 
 logger = logging.getLogger(__name__)
 
 TRAIN_SEED_START = 1_000_000
-NUM_LABELS = 6  # the ISPRS classes the scenes use; output 6 (the added class) never occurs
+NUM_LABELS = scenes.SCENE_CLASSES  # the labels the scenes use; the 7th output never occurs
 DEMO_NOTE = ("toy model trained on synthetic aerial scenes by `python -m pipeline.train_demo` "
              "(HRNetV2-W8, reduced depth): NOT the ISPRS model; use it to see the pipeline "
              "work")
@@ -90,9 +89,9 @@ def train(output_dir: str, seconds: float, seed: int = 0, batch_size: int = 8,
             "final_loss": round(float(np.mean(losses[-50:])), 4),
             "miou": round(float(np.nanmean(ious)), 4),
             "pixel_accuracy": round(float(np.trace(matrix) / matrix.sum()), 4),
-            "iou": {n: (None if np.isnan(v) else round(float(v), 4)) for n, v in zip(
-                labels_lib.packaged_labels("isprs").class_names, ious)}}
-  labels = labels_lib.packaged_labels("isprs").to_json()
+            "iou": {c["name"]: (None if np.isnan(v) else round(float(v), 4)) for c, v in zip(
+                scenes.scene_labels()["classes"], ious)}}
+  labels = scenes.scene_labels()
   labels["note"] = DEMO_NOTE
   labels["channel_mapping"] = "rgb"  # trained on the scenes' RGB as they are
   labels["training"] = report

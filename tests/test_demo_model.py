@@ -23,7 +23,7 @@ def miou(pairs) -> float:
   return float(np.nanmean(iou_per_class(matrix)))
 
 
-def test_scenes_are_deterministic_any_size_and_in_the_isprs_scheme():
+def test_scenes_are_deterministic_any_size_and_in_their_labels_scheme():
   image, labels = scenes.generate_scene(37, 53, seed=5)
   assert image.shape == (37, 53, 3) and image.dtype == np.uint8 and labels.shape == (37, 53)
   again = scenes.generate_scene(37, 53, seed=5)
@@ -31,7 +31,9 @@ def test_scenes_are_deterministic_any_size_and_in_the_isprs_scheme():
   np.testing.assert_array_equal(labels, again[1])
   assert not np.array_equal(image, scenes.generate_scene(37, 53, seed=6)[0])
   _, big = scenes.generate_scene(600, 600, seed=1, kind="urban")
-  assert set(np.unique(big)) <= set(range(6)) and len(np.unique(big)) >= 4
+  assert set(np.unique(big)) <= set(range(scenes.SCENE_CLASSES)) and len(np.unique(big)) >= 4
+  names = [c["name"] for c in scenes.scene_labels()["classes"]]
+  assert names.index("clutter") == scenes.CLUTTER and names.index("car") == scenes.CAR
   assert max(seed for _, _, seed in HELD_OUT) < TRAIN_SEED_START
 
 
@@ -39,6 +41,8 @@ def test_committed_demo_model_carries_its_labels_and_training_record():
   with open(os.path.join(DEMO_MODEL, "labels.json"), encoding="utf-8") as f:
     labels = json.load(f)
   assert len(labels["classes"]) == 7 and "NOT the ISPRS model" in labels["note"]
+  assert labels["classes"] == scenes.scene_labels()["classes"]
+  assert set(labels["training"]["iou"]) == {c["name"] for c in labels["classes"][:6]}
   assert labels["training"]["miou"] >= MIOU_FLOOR
 
 

@@ -303,6 +303,16 @@ def _stage_in_hub_cache(model_dir, handle, cache):
   (target / "labels.json").unlink(missing_ok=True)   # labels must come from the package
 
 
+def _serve_as_suite_model(model_dir, name, tmp_path, monkeypatch):
+  """Makes `--model name` load model_dir, as if downloaded; returns the handle."""
+  from transforms import labels as labels_lib  # pylint: disable=import-outside-toplevel
+  handle = labels_lib.resolve_model_name(name)
+  _stage_in_hub_cache(model_dir, handle, tmp_path / "tfhub")
+  monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "tfhub"))
+  save_image(tmp_path / "a.png", textured_image(96, 96, seed=1))
+  return handle
+
+
 def test_suite_short_names_resolve_to_hub_handles_and_their_labels(tiny_model, tmp_path,
                                                                    monkeypatch):
   from transforms import labels as labels_lib  # pylint: disable=import-outside-toplevel
@@ -310,11 +320,7 @@ def test_suite_short_names_resolve_to_hub_handles_and_their_labels(tiny_model, t
   assert len(names) == 17 and len(set(names)) == 17
   assert labels_lib.resolve_model_name("city") == \
       "https://tfhub.dev/google/HRNet/city-hrnetv2-w48/1"
-  handle = labels_lib.resolve_model_name("isprs")
-  cache = tmp_path / "tfhub"
-  _stage_in_hub_cache(tiny_model, handle, cache)
-  monkeypatch.setenv("TFHUB_CACHE_DIR", str(cache))
-  save_image(tmp_path / "a.png", textured_image(96, 96, seed=1))
+  handle = _serve_as_suite_model(tiny_model, "isprs", tmp_path, monkeypatch)
   out = tmp_path / "out" / "rows"
   summary = run_job("--input", tmp_path / "a.png", "--output", out, "--model", "isprs",
                     "--tile_size", "64", "--tile_overlap", "0")
@@ -332,10 +338,7 @@ def test_packaged_labels_that_do_not_fit_the_model_fail_before_launch(tmp_path, 
   from pipeline import hrnet  # pylint: disable=import-outside-toplevel
   model_dir = tmp_path / "five"
   hrnet.export_pixel_local(5, 15 * TINY_WIDTH, str(model_dir))
-  cache = tmp_path / "tfhub"
-  _stage_in_hub_cache(model_dir, "https://tfhub.dev/google/HRNet/isprs-hrnetv2-w48/1", cache)
-  monkeypatch.setenv("TFHUB_CACHE_DIR", str(cache))
-  save_image(tmp_path / "a.png", textured_image(64, 64, seed=1))
+  _serve_as_suite_model(model_dir, "isprs", tmp_path, monkeypatch)
   with pytest.raises(ConfigError, match="name 7 classes but model .*isprs.* outputs 5"):
     run_job("--input", tmp_path / "a.png", "--output", tmp_path / "o" / "rows", "--model",
             "isprs")
@@ -348,17 +351,60 @@ def test_unknown_short_model_name_lists_the_suite(tmp_path):
             "isprz")
 
 
-@pytest.mark.parametrize("model_classes, expected", [(16, "fits"), (17, "added"), (18, None)])
-def test_suite_labels_fit_the_model_exactly_or_with_the_declared_added_class(
-    model_classes, expected):
+def test_every_suite_model_has_its_labels_file_transcribed_whole():
+  """Each of the 17 names finds its file by handle; the list is as long as FOI says."""
+  from transforms import labels as labels_lib  # pylint: disable=import-outside-toplevel
+  from transforms.tiling import parse_channel_mapping  # pylint: disable=import-outside-toplevel
+  for name in labels_lib.model_suite()["names"]:
+    handle = labels_lib.resolve_model_name(name)
+    labels = labels_lib.labels_for_handle(handle)
+    assert labels is not None, f"no packaged labels file for {name}"
+    with open(os.path.join(labels_lib.LABELS_DIR, f"{name}.json"), encoding="utf-8") as f:
+      data = json.load(f)
+    assert data["handle"] == handle and "fids_metadata_segmentation" in data["source"]
+    assert labels.num_classes == data["source_num_classes"], name
+    assert len(set(labels.class_names)) == labels.num_classes, f"{name}: repeated names"
+    assert len(labels.palette) == labels.num_classes
+    assert labels.class_names[0].lower() in ("background", "unlabeled"), name
+    assert len(set(labels.palette)) > labels.num_classes // 2, f"{name}: palette collapsed"
+    parse_channel_mapping(labels.channel_mapping)
+    assert (labels.channel_mapping == "rg_mean") == (name == "isprs")
+
+
+@pytest.mark.parametrize("model_classes, fits", [(16, True), (17, False), (15, False)])
+def test_suite_labels_fit_only_a_model_with_one_output_per_class(model_classes, fits):
   from transforms import labels as labels_lib  # pylint: disable=import-outside-toplevel
   isaid = labels_lib.labels_for_handle(labels_lib.resolve_model_name("isaid"))
   assert isaid.num_classes == 16 and isaid.class_names[1] == "ship"
-  fitted = labels_lib.fit_to_model(isaid, model_classes)
-  if expected is None:
-    assert fitted is None
-  elif expected == "fits":
-    assert fitted == isaid
-  else:
-    assert fitted.class_names[-1] == "added_class" and fitted.num_classes == 17
-    assert len(fitted.palette) == 17 and "last is 'added_class'" in fitted.note
+  assert labels_lib.fits_model(isaid, model_classes) is fits
+
+
+def test_a_labels_file_that_pads_the_model_with_an_added_class_is_refused():
+  from transforms import labels as labels_lib  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="added_class is not supported"):
+    labels_lib.parse_labels({"classes": [{"name": "a", "color": [1, 2, 3]}],
+                             "added_class": {"name": "b", "color": [0, 0, 0]}}, "x.json")
+
+
+@pytest.mark.parametrize("outputs", [32, 33])
+def test_a_suite_model_gets_its_class_names_or_is_refused_before_launch(
+    outputs, tmp_path, monkeypatch):
+  """camvid: FOI lists 32 classes. A 32-output model gets them; a 33-output one is refused."""
+  from pipeline import hrnet  # pylint: disable=import-outside-toplevel
+  from transforms import labels as labels_lib  # pylint: disable=import-outside-toplevel
+  model_dir = tmp_path / "camvid"
+  hrnet.export_pixel_local(outputs, 15 * TINY_WIDTH, str(model_dir))
+  _serve_as_suite_model(model_dir, "camvid", tmp_path, monkeypatch)
+  out = tmp_path / "out" / "rows"
+  args = ("--input", tmp_path / "a.png", "--output", out, "--model", "camvid",
+          "--tile_size", "64", "--tile_overlap", "0")
+  if outputs == 33:
+    _expect_config_error("name 32 classes but model .*camvid.* outputs 33: pass "
+                         "--labels_file with one class per output", *args)
+    assert not list((tmp_path / "out").glob("*.parquet"))
+    return
+  run_job(*args)
+  metadata = pq.read_schema(next(Path(out).parent.glob("rows-*.parquet"))).metadata
+  names = json.loads(metadata[b"hrnet_beam.class_names"])
+  assert names == list(labels_lib.packaged_labels("camvid").class_names)
+  assert names[:3] == ["background", "Animal", "Archway"] and names[-1] == "Wall"

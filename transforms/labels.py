@@ -24,7 +24,6 @@ class LabelSet:
   palette: tuple  # ((r, g, b), ...), one per class
   note: str = ""
   channel_mapping: Optional[str] = None  # the model's preprocessing, when the file says
-  added_class: Optional[tuple] = None    # (name, (r, g, b)) of an extra model output
 
   @property
   def num_classes(self) -> int:
@@ -49,34 +48,21 @@ def parse_labels(data: dict, source: str) -> LabelSet:
                      '{"classes": [{"name": ..., "color": [r, g, b]}, ...]}') from e
   if not names or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in palette):
     raise ValueError(f"labels file {source}: needs classes with [r, g, b] colours in 0..255")
+  if "added_class" in data:
+    raise ValueError(f"labels file {source}: added_class is not supported; list one class "
+                     "per model output instead")
   mapping = data.get("channel_mapping")
-  added = data.get("added_class")
-  try:
-    added_class = None if added is None else (
-        str(added["name"]), tuple(int(v) for v in added["color"]))
-  except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f"labels file {source}: added_class needs a name and a colour "
-                     f"({e!r})") from e
   return LabelSet(str(data.get("name", os.path.basename(source))), names, palette,
-                  str(data.get("note", "")), None if mapping is None else str(mapping),
-                  added_class)
+                  str(data.get("note", "")), None if mapping is None else str(mapping))
 
 
-def fit_to_model(labels: LabelSet, num_classes: int) -> Optional[LabelSet]:
-  """The labels for a model with num_classes outputs, or None when they do not fit.
+def fits_model(labels: LabelSet, num_classes: int) -> bool:
+  """Whether the labels describe a model with num_classes outputs: one entry per output.
 
-  A labels file may name one extra output (added_class): the models of the suite were
-  trained with a class added to their dataset's, which the file cannot always confirm.
+  No near miss is accepted: a file one class short could be off by one at either end, and
+  names shifted by one would label a whole dataset wrongly without any error.
   """
-  if labels.num_classes == num_classes:
-    return labels
-  if labels.added_class is not None and labels.num_classes + 1 == num_classes:
-    name, colour = labels.added_class
-    return dataclasses.replace(
-        labels, class_names=labels.class_names + (name,), palette=labels.palette + (colour,),
-        note=f"{labels.note} The model outputs {num_classes} classes: the last is "
-             f"{name!r}, added to the file's {labels.num_classes}.".strip())
-  return None
+  return labels.num_classes == num_classes
 
 
 def read_labels(path: str) -> LabelSet:
