@@ -45,6 +45,20 @@ def test_hardware_support_matrix(precision, extra, gpus, supported):
   assert (reason is None) == supported, reason
 
 
+@pytest.mark.parametrize("precision, extra, warns", [
+    (BFLOAT16, "avx512_bf16", True),               # runs, but measured slower (PERFORMANCE.md)
+    (BFLOAT16, "avx512_bf16 amx_bf16 amx_tile", False),
+    (FLOAT32, "avx512_bf16", False),
+])
+def test_bfloat16_without_amx_runs_with_a_warning(precision, extra, warns):
+  flags = cpu_flags(CPUINFO.format(extra=extra))
+  assert unsupported_reason(precision, flags, []) is None
+  warning = precision_lib.slowdown_warning(precision, flags)
+  assert (warning is not None) == warns
+  if warns:
+    assert "no AMX" in warning and "compare_precision" in warning
+
+
 def test_fallback_runs_float32_or_fails_as_asked():
   flags = cpu_flags(CPUINFO.format(extra=""))
   choice = choose_precision(BFLOAT16, "float32", flags, [])

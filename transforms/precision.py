@@ -21,6 +21,7 @@ FALLBACKS = (FALLBACK_FLOAT32, FALLBACK_FAIL)
 
 # CPU flags (as in /proc/cpuinfo) with which oneDNN runs bfloat16 convolutions natively.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+AMX_BF16_FLAG = "amx_bf16"
 GRAPPLER_OPTION = {BFLOAT16: "auto_mixed_precision_onednn_bfloat16",
                    FLOAT16: "auto_mixed_precision"}
 MIN_FLOAT16_COMPUTE_CAPABILITY = (7, 0)
@@ -61,8 +62,8 @@ def unsupported_reason(precision: str, flags: frozenset,
               "model on a GPU: use --precision float16 on GPUs")
     if not any(flag in flags for flag in BF16_CPU_FLAGS):
       return ("this CPU has neither AVX512-BF16 nor AMX (no avx512_bf16 or amx_bf16 flag), "
-              "so TensorFlow would keep float32: pick a machine type that has them (e.g. "
-              "Dataflow c3-* with AMX, c3d-* with AVX512-BF16) or use float32")
+              "so TensorFlow would keep float32: pick a machine type with AMX (e.g. "
+              "Dataflow c3-*) or use float32")
     return None
   if precision == FLOAT16:
     if not gpu_capabilities:
@@ -73,6 +74,19 @@ def unsupported_reason(precision: str, flags: frozenset,
               f"{'.'.join(map(str, min(gpu_capabilities)))}")
     return None
   raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+
+
+def slowdown_warning(precision: str, flags: frozenset) -> str | None:
+  """Why `precision`, though it runs, may well be slower than float32 here; else None.
+
+  Measured (PERFORMANCE.md): on a 2-vCPU Intel VM with AVX512-BF16 and no AMX, oneDNN's
+  bfloat16 convolutions took 1.8x the float32 time, for W48 and W8 tiles alike.
+  """
+  if precision == BFLOAT16 and AMX_BF16_FLAG not in flags:
+    return ("this CPU has AVX512-BF16 but no AMX (no amx_bf16 flag); where measured, "
+            "bfloat16 ran at 0.55x the float32 speed on such a CPU. Measure with "
+            "`python -m pipeline.compare_precision` before a large job")
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,4 +139,8 @@ def apply_precision(requested: str, fallback: str) -> PrecisionChoice:
   if choice.effective != FLOAT32:
     logger.info("Model runs with %s mixed precision (Grappler %s) in process %d",
                 choice.effective, GRAPPLER_OPTION[choice.effective], os.getpid())
+    slower = (None if gpu_compute_capabilities() else
+              slowdown_warning(choice.effective, read_cpu_flags()))
+    if slower is not None:
+      logger.warning("--precision %s: %s.", choice.effective, slower)
   return choice
