@@ -1,4 +1,4 @@
-"""Synthetic aerial scenes with pixel labels in the ISPRS scheme, deterministic by seed.
+"""Synthetic aerial scenes with pixel labels (ISPRS classes, own order), deterministic by seed.
 
     python -m pipeline.scenes --output scenes/ --count 20 --height 1100 --width 1500
 
