@@ -127,8 +127,8 @@ def apply_precision(requested: str, fallback: str) -> PrecisionChoice:
   The rewrite applies to functions instantiated afterwards; it is process-wide.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  choice = choose_precision(requested, fallback, read_cpu_flags(),
-                            gpu_compute_capabilities())
+  flags, gpus = read_cpu_flags(), gpu_compute_capabilities()
+  choice = choose_precision(requested, fallback, flags, gpus)
   if choice.reason is not None:
     logger.warning("--precision %s cannot run here: %s. Running float32 "
                    "(--precision_fallback float32); rows record the precision used.",
@@ -139,8 +139,7 @@ def apply_precision(requested: str, fallback: str) -> PrecisionChoice:
   if choice.effective != FLOAT32:
     logger.info("Model runs with %s mixed precision (Grappler %s) in process %d",
                 choice.effective, GRAPPLER_OPTION[choice.effective], os.getpid())
-    slower = (None if gpu_compute_capabilities() else
-              slowdown_warning(choice.effective, read_cpu_flags()))
+    slower = None if gpus else slowdown_warning(choice.effective, flags)
     if slower is not None:
       logger.warning("--precision %s: %s.", choice.effective, slower)
   return choice
