@@ -19,11 +19,11 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	@rm -rf $(DEMO)
-	$(BIN)/python -m pipeline.make_samples --output $(DEMO)/images
-	$(BIN)/python -m pipeline --input '$(DEMO)/images/*' --model models/demo \
+	$(BIN)/hrnet-beam scenes --demo --output $(DEMO)/images
+	$(BIN)/hrnet-beam run --input '$(DEMO)/images/*' --model models/demo \
 	  --output $(DEMO)/out/segmentations --tile_size 512 --tile_overlap 64
-	$(BIN)/python -m pipeline.show $(DEMO)/out/segmentations
-	$(BIN)/python -m pipeline.render $(DEMO)/out/segmentations --out $(DEMO)/out/overlays
+	$(BIN)/hrnet-beam show $(DEMO)/out/segmentations
+	$(BIN)/hrnet-beam render $(DEMO)/out/segmentations --out $(DEMO)/out/overlays
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

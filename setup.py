@@ -14,6 +14,7 @@ REQUIRED = [
     "pillow==12.3.0",
     "tifffile==2026.3.3",
     "rasterio==1.4.4",  # GeoTIFF georeferencing and nodata; its wheels bundle GDAL
+    "tqdm==4.70.1",     # the progress line on a terminal
 ]
 
 setuptools.setup(
@@ -21,9 +22,13 @@ setuptools.setup(
     version="0.1.0",
     description="Apache Beam pipelines that run HRNetV2 segmentation models over images in bulk",
     python_requires=">=3.11,<3.12",
-    packages=["pipeline", "transforms", "benchmarks"],
-    package_data={"transforms": ["model_labels/*.json"], "pipeline": ["scene_labels.json"]},
+    packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "transforms",
+                                               "transforms.*", "benchmarks"]),
+    # Data the job and the commands read at run time: in the wheel and in the sdist
+    # that --setup_file ships to Dataflow workers (tests/cli/test_packaging.py checks).
+    package_data={"transforms": ["model_labels/*.json"], "pipeline.standin": ["*.json"]},
     install_requires=REQUIRED,
+    entry_points={"console_scripts": ["hrnet-beam = pipeline.cli:main"]},
     extras_require={"test": ["pytest==9.2.0", "hypothesis==6.170.15",
                              "gcp-storage-emulator==2026.7.19", "pandas==3.1.1"]},
 )

@@ -11,7 +11,7 @@ on the same inputs, each mode in its own process (so peak RSS is its own):
   pandas.DataFrame.to_parquet.
 With --precisions bfloat16 (the default) or float16, limit and pipeline run again at that
 precision where the hardware has it, beside float32, with the agreement measured by
-pipeline.compare_precision; where it lacks it, the report says why instead.
+hrnet-beam compare-precision; where it lacks it, the report says why instead.
 Full mode uses HRNetV2-W48 (for people: tens of minutes on 2 cores); --quick uses a
 reduced W8 on small images (a couple of minutes, for CI).
 """
@@ -41,7 +41,7 @@ def _peak_rss_bytes() -> int:
 
 def _images(directory: str, quick: bool, count: int, big: int) -> list:
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  from pipeline.scenes import generate_scene  # pylint: disable=import-outside-toplevel
+  from pipeline.standin.scenes import generate_scene  # pylint: disable=import-outside-toplevel
   sizes = ([(512, 512)] * 4 + [(1100, 1100)] if quick else
            [(1024, 1024)] * count + [(3000, 3000)] * big)
   os.makedirs(directory, exist_ok=True)
@@ -55,7 +55,7 @@ def _images(directory: str, quick: bool, count: int, big: int) -> list:
 
 
 def _model(directory: str, quick: bool) -> str:
-  from pipeline import hrnet  # pylint: disable=import-outside-toplevel
+  from pipeline.standin import hrnet  # pylint: disable=import-outside-toplevel
   path = os.path.join(directory, "model-w8-reduced" if quick else "model-w48")
   if not os.path.exists(os.path.join(path, "saved_model.pb")):
     spec = hrnet.HRNetSpec.reduced(8, 7) if quick else hrnet.HRNetSpec(48, 7)
@@ -66,9 +66,10 @@ def _model(directory: str, quick: bool) -> str:
 def mode_limit(model: str, images: list, precision: str = "float32") -> dict:
   """The bare model loop: tiles decoded and cut beforehand, only inference timed."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from transforms.decode import decode_image  # pylint: disable=import-outside-toplevel
-  from transforms.model_handler import load_hrnet  # pylint: disable=import-outside-toplevel
-  from transforms.tiling import cut_tile, tile_grid, to_unit_float  # pylint: disable=import-outside-toplevel
+  from transforms.reading.decode import decode_image  # pylint: disable=import-outside-toplevel
+  from transforms.inference.model import load_hrnet  # pylint: disable=import-outside-toplevel
+  from transforms.tiling.channels import to_unit_float
+  from transforms.tiling.grid import cut_tile, tile_grid  # pylint: disable=import-outside-toplevel
   tiles = []
   for path in images:
     with open(path, "rb") as f:
@@ -138,8 +139,8 @@ def _precisions(args, model: str, images: list, float32_results: dict) -> dict:
   """Limit and pipeline at each lower precision, against the float32 limit, with the
   agreement beside them; or why this machine cannot run it."""
   # pylint: disable=import-outside-toplevel
-  from pipeline import compare_precision
-  from transforms.precision import (gpu_compute_capabilities, read_cpu_flags,
+  from pipeline.cli import compare_precision
+  from transforms.inference.precision import (gpu_compute_capabilities, read_cpu_flags,
                                     unsupported_reason)
   reports = {}
   limit32 = float32_results["limit"]["tiles_per_s"]

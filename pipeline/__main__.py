@@ -1,9 +1,10 @@
-"""`python -m pipeline --input ... --output ...` runs the segmentation job."""
-import os
+"""`python -m pipeline --input ... --output ...` runs the job, as `hrnet-beam run` does."""
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from pipeline.cli import console
 
-from pipeline.job import main  # pylint: disable=wrong-import-position
+console.setup(console.level_from_argv(sys.argv[1:]))
 
-sys.exit(main(sys.argv[1:]))
+from pipeline.cli.run import main  # pylint: disable=wrong-import-position
+
+sys.exit(main(sys.argv[1:], prog="python -m pipeline"))

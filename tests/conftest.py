@@ -3,6 +3,7 @@ import glob
 import io
 import json
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -11,10 +12,11 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline import hrnet  # noqa: E402
-from pipeline.export_model import stand_in_labels  # noqa: E402
+from pipeline.standin import hrnet  # noqa: E402
+from pipeline.standin.hrnet import stand_in_labels  # noqa: E402
 
 NUM_CLASSES = 7
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_WIDTH = 8
 
 
@@ -57,6 +59,11 @@ def textured_image(height, width, seed=0, channels=3):
 def save_image(path, array, **kwargs):
   Image.fromarray(array).save(path, **kwargs)
   return str(path)
+
+
+def hrnet_beam(*args):
+  """The installed `hrnet-beam` command line with these arguments (for subprocess.run)."""
+  return [os.path.join(os.path.dirname(sys.executable), "hrnet-beam"), *map(str, args)]
 
 
 def run_job(*args):

@@ -6,6 +6,8 @@ from typing import Optional
 
 import numpy as np
 
+NODATA_CLASS = 255   # mask value of nodata pixels; never a class id (at most 255 classes)
+
 
 @dataclasses.dataclass(frozen=True)
 class GeoReference:

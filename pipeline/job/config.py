@@ -1,0 +1,30 @@
+"""The job's configuration: validated once from the options, before launch, then frozen."""
+from __future__ import annotations
+
+import dataclasses
+
+from pipeline.job.progress import ProgressTotal
+from transforms.config import DecodeConfig, InferenceConfig, ModelConfig, TilingConfig
+from transforms.progress import ProgressConfig
+
+
+class ConfigError(ValueError):
+  """A flag or input that cannot work; the message says what to fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+  input_patterns: tuple
+  output: str                   # file prefix of this run's Parquet files
+  errors_output: str            # file prefix of this run's error records
+  decode: DecodeConfig
+  tiling: TilingConfig
+  model: ModelConfig
+  inference: InferenceConfig
+  run_id: str = ""
+  existing_rows: str | None = None   # pattern of earlier runs' Parquet files to skip
+  max_error_fraction: float | None = None
+  mask_geotiff_dir: str | None = None   # where georeferenced masks go as COGs
+  input_total: ProgressTotal = ProgressTotal(0, 0)   # what the pre-launch match found
+  progress: ProgressConfig = ProgressConfig()
+  progress_mode: str = "auto"          # auto, bar, lines or off (progress.py)

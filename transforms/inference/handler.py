@@ -1,0 +1,159 @@
+"""RunInference on tiles: the ModelHandler that batches tiles, calls the loaded model at a
+fixed shape, pools features where the model runs, and splits and retries failed groups.
+
+Beam's stock TFModelHandlerTensor cannot serve these models: Keras 3's load_model
+rejects them (apache/beam#30616) and it calls `model(batch)`, which they do not define.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import apache_beam as beam
+from apache_beam.ml.inference.base import ModelHandler
+
+from transforms.config import InferenceConfig, ModelConfig
+from transforms.inference.model import FEATURE_STRIDE, LoadedHRNet, load_hrnet
+from transforms.metrics import METRICS_NAMESPACE
+from transforms.tiling.channels import map_channels, to_unit_float
+from transforms.tiling.grid import cell_weight_map, own_box_in_tile
+from transforms.types import NODATA_CLASS, Tile, TileResult
+
+logger = logging.getLogger(__name__)
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+  name = type(error).__name__
+  return name == "ResourceExhaustedError" or "out of memory" in str(error).lower()
+
+
+class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
+  """RunInference handler: batches of Tiles in, one TileResult per tile out.
+
+  The model is always called with the same batch shape (`model_batch_size` tiles, a
+  partial group padded with blank tiles): convolution kernels are chosen by batch size
+  and give other last bits for other sizes, so this makes rows independent of how Beam
+  grouped the tiles, of the worker count and of the order tiles arrive in.
+
+  Feature maps never leave TensorFlow: each tile's features are pooled over its owned
+  box (its valid pixels) by weights applied where the model runs, so 720 sums come back
+  instead of a 47 MB map per 512x512 tile at W48. A group that fails is split and
+  retried, so only tiles that fail on their own are reported as failed. After an
+  out-of-memory error the call size is halved and stays there.
+  """
+
+  def __init__(self, model: ModelConfig, inference: InferenceConfig, tile_size: int):
+    share = inference.share_model_across_processes or inference.model_copies is not None
+    super().__init__(min_batch_size=inference.min_batch_size,
+                     max_batch_size=inference.max_batch_size,
+                     large_model=share,
+                     model_copies=inference.model_copies if share else None)
+    self._model_config = model
+    self._inference = inference
+    self._tile_size = tile_size
+    self._call_size = inference.model_batch_size
+    self._metrics = None
+
+  def load_model(self) -> LoadedHRNet:
+    return load_hrnet(self._model_config.handle, self._model_config.cache_dir,
+                      self._inference.require_gpu, self._model_config.precision,
+                      self._model_config.precision_fallback,
+                      (self._inference.intra_op_threads, self._inference.inter_op_threads))
+
+  def get_metrics_namespace(self) -> str:
+    return METRICS_NAMESPACE
+
+  def get_num_bytes(self, batch: Sequence[Tile]) -> int:
+    return sum(tile.pixels.nbytes for tile in batch)
+
+  def _counters(self):
+    if self._metrics is None:
+      self._metrics = {
+          "tiles_failed": beam.metrics.Metrics.counter(METRICS_NAMESPACE, "tiles_failed"),
+          "oom_backoffs": beam.metrics.Metrics.counter(METRICS_NAMESPACE, "oom_backoffs"),
+          "inferred": beam.metrics.Metrics.counter(METRICS_NAMESPACE, "tiles_inferred"),
+          "nodata": beam.metrics.Metrics.counter(METRICS_NAMESPACE, "tiles_nodata_skipped"),
+          "load_ids": beam.metrics.Metrics.string_set(METRICS_NAMESPACE, "model_load_ids")}
+    return self._metrics
+
+  def run_inference(self, batch: Sequence[Tile], model: LoadedHRNet,
+                    inference_args: Optional[dict[str, Any]] = None) -> Iterable[TileResult]:
+    counters = self._counters()
+    counters["load_ids"].add(model.load_id())
+    results = self._infer_or_split(list(batch), model)
+    counters["tiles_failed"].inc(sum(1 for r in results if r.error is not None))
+    return results
+
+  def _infer_or_split(self, tiles: list, model: LoadedHRNet) -> list:
+    if len(tiles) > self._call_size:
+      results = []
+      while tiles:
+        group, tiles = tiles[:self._call_size], tiles[self._call_size:]
+        results.extend(self._infer_or_split(group, model))
+      return results
+    try:
+      return self._infer(tiles, model)
+    except Exception as e:  # pylint: disable=broad-except
+      if _is_out_of_memory(e) and self._call_size > 1:
+        self._call_size //= 2
+        self._counters()["oom_backoffs"].inc()
+        logger.warning("Out of memory with %d tiles per model call; calling with %d from "
+                       "now on (rows computed after this differ in the last bits of their "
+                       "features from rows computed at the larger size)",
+                       self._call_size * 2, self._call_size)
+        return self._infer_or_split(tiles, model)
+      if len(tiles) == 1:
+        reason = f"{type(e).__name__}: {e}".strip()
+        logger.warning("Inference failed for %s tile %d: %s", tiles[0].image.source,
+                       tiles[0].spec.index, reason)
+        return [TileResult(tiles[0].image, tiles[0].spec, error=reason[:2000],
+                           precision=model.precision())]
+      middle = len(tiles) // 2
+      return (self._infer_or_split(tiles[:middle], model) +
+              self._infer_or_split(tiles[middle:], model))
+
+  def _infer(self, tiles: list, model: LoadedHRNet) -> list:
+    """Model outputs for the tiles' owned boxes; tiles whose owned box is all nodata are
+    answered without the model, and nodata pixels get NODATA_CLASS and no feature weight."""
+    boxes = [own_box_in_tile(tile.spec) for tile in tiles]
+    valid_own = [None if tile.valid is None else tile.valid[y0:y1, x0:x1]
+                 for tile, (y0, y1, x0, x1) in zip(tiles, boxes)]
+    needed = [i for i, valid in enumerate(valid_own) if valid is None or valid.any()]
+    class_ids = sums = None
+    if needed:
+      size, cells = self._tile_size, self._tile_size // FEATURE_STRIDE
+      images = np.zeros((self._call_size, size, size, 3), np.float32)
+      weights = np.zeros((self._call_size, cells, cells), np.float32)
+      for slot, i in enumerate(needed):
+        images[slot] = map_channels(to_unit_float(tiles[i].pixels),
+                                    self._model_config.channel_mapping)
+        weights[slot] = cell_weight_map(boxes[i], FEATURE_STRIDE, cells, tiles[i].valid)
+      class_ids, sums = model.infer(images, self._inference.want_masks,
+                                    self._inference.want_features, weights)
+    counters = self._counters()
+    counters["inferred"].inc(len(needed))
+    counters["nodata"].inc(len(tiles) - len(needed))
+    slot_of = {i: slot for slot, i in enumerate(needed)}
+    precision = model.precision()
+    results = []
+    for i, tile in enumerate(tiles):
+      box, valid, slot = boxes[i], valid_own[i], slot_of.get(i)
+      y0, y1, x0, x1 = box
+      ids = feature_sum = None
+      if slot is None:  # nothing but nodata here: the model is not asked
+        if self._inference.want_masks:
+          ids = np.full((y1 - y0, x1 - x0), NODATA_CLASS, np.uint8)
+        if self._inference.want_features:
+          feature_sum = np.zeros(self._model_config.feature_dim, np.float64)
+      else:
+        if class_ids is not None:
+          ids = np.array(class_ids[slot, y0:y1, x0:x1])
+          if valid is not None:
+            ids[~valid] = NODATA_CLASS
+        if sums is not None:
+          feature_sum = sums[slot].astype(np.float64)
+      results.append(TileResult(
+          tile.image, tile.spec, class_ids=ids, feature_sum=feature_sum, precision=precision,
+          counted_pixels=None if valid is None else int(np.count_nonzero(valid))))
+    return results

@@ -1,0 +1,199 @@
+"""What a loaded model can do: one call for masks and (pooled) features, its probe, and the
+load-and-inspect steps the job runs before launch and each worker runs once."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from typing import Any, Optional
+
+import numpy as np
+
+from transforms.inference.devices import prepare_devices
+from transforms.inference.head import find_head, model_variables
+from transforms.inference.precision import FLOAT32, apply_precision
+from transforms.inference.sources import (DEFAULT_CACHE_DIR, STAGING_HELP, ModelLoadError,
+                                          resolve_model_dir)
+
+logger = logging.getLogger(__name__)
+
+FEATURE_STRIDE = 4   # HRNet features are at 1/4 of the input (checked by inspect_model)
+FUSED_FUNCTION = "predict_with_features"  # the stand-ins' one-pass function; hub models lack it
+
+
+class LoadedHRNet:
+  """A loaded HRNet SavedModel with one call that returns what was asked for.
+
+  Masks come back as uint8 class ids (argmax inside TensorFlow: 1 byte per pixel
+  leaves the graph instead of 4 per class). The backbone runs once for masks and
+  features with a fused function, or with the model's own head found among its
+  variables (head.py); otherwise `predict` and `get_features` run separately.
+  `single_pass` says which one-pass path is used, None for two passes.
+  """
+
+  def __init__(self, module: Any, handle: str, local_dir: str, precision: str = FLOAT32):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    self.handle = handle
+    self.local_dir = local_dir
+    self._precision = precision   # what really runs (after any fallback)
+    self._id = uuid.uuid4().hex[:12]
+    missing = [n for n in ("predict", "get_features") if not hasattr(module, n)]
+    if missing:
+      raise ModelLoadError(f"{handle} has no {' or '.join(missing)} function: not an HRNet "
+                           "segmentation SavedModel")
+    self._module = module
+    spec = [tf.TensorSpec([None, None, None, 3], tf.float32)]
+
+    def class_ids(scores):
+      return tf.cast(tf.argmax(scores, axis=-1), tf.uint8)
+
+    fused = getattr(module, FUSED_FUNCTION, None)
+    self.has_fused_function = fused is not None
+    if fused is not None:
+      self.single_pass = f"the model's fused function {FUSED_FUNCTION}"
+      def both(images):
+        out = fused(images)
+        return class_ids(out["predictions"]), out["features"]
+    else:
+      search = find_head(module, model_variables(module))
+      if search.head is not None:
+        self.single_pass = search.reason
+        head = search.head
+        def both(images):
+          features = module.get_features(images)
+          return class_ids(head(features, tf.shape(images)[1:3])), features
+      else:
+        self.single_pass = None
+        logger.warning("Masks and features need two backbone passes per tile with %s: %s",
+                       handle, search.reason)
+        def both(images):
+          return class_ids(module.predict(images)), module.get_features(images)
+    self._both = tf.function(both, input_signature=spec)
+    weights_spec = [tf.TensorSpec([None, None, None, 3], tf.float32),
+                    tf.TensorSpec([None, None, None], tf.float32)]
+
+    def pool(features, weights):
+      # Pixel-weighted sums per image: 720 numbers leave the device instead of the map.
+      return tf.einsum("bhw,bhwf->bf", weights, features)
+
+    def both_pooled(images, weights):
+      ids, features = both(images)
+      return ids, pool(features, weights)
+    self._both_pooled = tf.function(both_pooled, input_signature=weights_spec)
+    self._features_pooled = tf.function(
+        lambda images, weights: pool(module.get_features(images), weights),
+        input_signature=weights_spec)
+    self._masks = tf.function(lambda images: class_ids(module.predict(images)),
+                              input_signature=spec)
+    self._features = tf.function(module.get_features, input_signature=spec)
+
+  def precision(self) -> str:
+    """The precision that really runs (a method: shared models are proxies of methods)."""
+    return self._precision
+
+  def load_id(self) -> str:
+    """Unique per load: a metric of distinct ids counts the model copies that served."""
+    return self._id
+
+  def infer(self, images: np.ndarray, want_masks: bool, want_features: bool,
+            cell_weights: Optional[np.ndarray] = None
+            ) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """images (B, H, W, 3) float32 in [0, 1] -> (class ids (B,H,W) uint8, features).
+
+    Features are the maps (B, H/4, W/4, F), or with cell_weights (B, H/4, W/4) their
+    weighted sums (B, F), computed where the model runs.
+    """
+    if images.dtype != np.float32:
+      # A float32 signature casts uint8 without scaling: never let that happen silently.
+      raise TypeError(f"images must be float32 in [0, 1], got {images.dtype}")
+    if want_features and cell_weights is not None:
+      weights = np.asarray(cell_weights, np.float32)
+      if want_masks:
+        ids, sums = self._both_pooled(images, weights)
+        return ids.numpy(), sums.numpy()
+      return None, self._features_pooled(images, weights).numpy()
+    if want_masks and want_features:
+      ids, features = self._both(images)
+      return ids.numpy(), features.numpy()
+    if want_masks:
+      return self._masks(images).numpy(), None
+    return None, self._features(images).numpy()
+
+  def probe(self, size: int = 64) -> tuple[int, int, int]:
+    """(num_classes, feature_dim, feature cells) from one small all-zero image."""
+    images = np.zeros((1, size, size, 3), np.float32)
+    scores = self._module.predict(images)
+    features = self._module.get_features(images)
+    if scores.shape[1:3] != (size, size):
+      raise ModelLoadError(f"{self.handle}: predict returned {tuple(scores.shape)} for a "
+                           f"{size}x{size} image; expected (1, {size}, {size}, classes)")
+    return int(scores.shape[-1]), int(features.shape[-1]), int(features.shape[1])
+
+
+# A model loaded by the pre-launch check, kept for a worker running in the same process
+# (the local runner, in memory) so it is not loaded twice; see keep_for_local_worker.
+_PRELOADED: dict = {}
+
+
+def release_preloaded() -> None:
+  _PRELOADED.clear()
+
+
+def load_hrnet(handle: str, cache_dir: str = DEFAULT_CACHE_DIR, require_gpu: bool = False,
+               precision: str = FLOAT32, precision_fallback: str = "float32",
+               threads: tuple = (0, 0)) -> LoadedHRNet:
+  """Loads the model or raises ModelLoadError naming it, the cause and how to stage it.
+
+  The precision is switched on before the model's functions are first traced; a
+  precision the hardware lacks raises PrecisionUnsupportedError or falls back to float32.
+  """
+  prepare_devices(require_gpu, *threads)
+  choice = apply_precision(precision, precision_fallback)
+  preloaded = _PRELOADED.pop((handle, cache_dir, precision, precision_fallback), None)
+  if preloaded is not None:
+    logger.info("Using the model %s loaded by the pre-launch check", handle)
+    return preloaded
+  try:
+    local_dir = resolve_model_dir(handle, cache_dir)
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    started = time.monotonic()
+    module = tf.saved_model.load(local_dir)
+    model = LoadedHRNet(module, handle, local_dir, choice.effective)
+  except ModelLoadError as e:
+    raise ModelLoadError(f"Cannot load model {handle!r}: {e}. {STAGING_HELP}") from e
+  except Exception as e:  # network, tarball and SavedModel errors come in many types
+    raise ModelLoadError(
+        f"Cannot load model {handle!r}: {type(e).__name__}: {e}. {STAGING_HELP}") from e
+  logger.info("Loaded model %s from %s in %.1f s (one backbone pass for masks and features: "
+              "%s; precision: %s)", handle, local_dir, time.monotonic() - started,
+              model.single_pass or "no", model.precision())
+  return model
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  num_classes: int
+  feature_dim: int
+  has_fused_function: bool
+  local_dir: str
+
+
+def inspect_model(handle: str, cache_dir: str = DEFAULT_CACHE_DIR,
+                  keep_for_local_worker: bool = False, precision: str = FLOAT32,
+                  precision_fallback: str = "float32", threads: tuple = (0, 0)) -> ModelInfo:
+  """Loads the model once, before launch, and reports what the pipeline needs to know.
+
+  With keep_for_local_worker, the loaded model is handed to the first load_hrnet of the
+  same handle in this process (a worker of the in-memory local runner). Pass the job's
+  precision only when workers run on this machine: elsewhere its hardware says nothing.
+  """
+  model = load_hrnet(handle, cache_dir, precision=precision,
+                     precision_fallback=precision_fallback, threads=threads)
+  num_classes, feature_dim, cells = model.probe()
+  if cells * 4 != 64:
+    raise ModelLoadError(f"{handle}: get_features returned {cells} cells for 64 pixels; "
+                         "HRNet features are at 1/4 resolution")
+  if keep_for_local_worker:
+    _PRELOADED[(handle, cache_dir, precision, precision_fallback)] = model
+  return ModelInfo(num_classes, feature_dim, model.has_fused_function, model.local_dir)

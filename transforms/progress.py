@@ -1,0 +1,102 @@
+"""Progress from the workers: inputs finished, errors, tiles, and inputs discovered on the way.
+
+Where the workers run on the launching machine (the local runner), each reporter writes
+its running totals to a small file in `ProgressConfig.report_dir`, and the launcher sums
+them into one progress display. Elsewhere (Dataflow) each worker logs a plain line every
+`log_interval_s` seconds instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+import uuid
+
+logger = logging.getLogger(__name__)
+
+WRITE_INTERVAL_S = 0.5   # a reporter rewrites its file at most this often (and at flush)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressConfig:
+  report_dir: str | None = None   # local runs: where reporters write their totals
+  log_interval_s: float = 10.0    # other runs: each worker logs a line this often
+
+
+@dataclasses.dataclass
+class ProgressCounts:
+  """Running totals; `found` and `resolved` let the launcher say when its total is exact.
+
+  found: inputs discovered beyond the one file they came from (a shard's records, a huge
+  raster's blocks), so the total is files + found. resolved: files that may expand (shards,
+  TIFFs) whose number of inputs is now known.
+  """
+  done: int = 0
+  errors: int = 0
+  tiles: int = 0
+  found: int = 0
+  resolved: int = 0
+
+  def add(self, other: "ProgressCounts") -> None:
+    for field in dataclasses.fields(self):
+      setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+
+def read_reports(report_dir: str) -> ProgressCounts:
+  """The sum of every reporter's totals in the directory (files being rewritten are skipped
+  this time and counted next time)."""
+  total = ProgressCounts()
+  try:
+    names = os.listdir(report_dir)
+  except OSError:
+    return total
+  for name in names:
+    if not name.endswith(".json"):
+      continue
+    try:
+      with open(os.path.join(report_dir, name), encoding="utf-8") as f:
+        total.add(ProgressCounts(**json.load(f)))
+    except (OSError, ValueError, TypeError):
+      continue
+  return total
+
+
+class ProgressReporter:
+  """One DoFn instance's totals; created in setup(), flushed in finish_bundle()."""
+
+  def __init__(self, config: ProgressConfig, stage: str):
+    self._config = config
+    self._stage = stage
+    self.counts = ProgressCounts()
+    self._path = None
+    if config.report_dir:
+      self._path = os.path.join(config.report_dir,
+                                f"{stage}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+    self._started = self._last = time.monotonic()
+
+  def add(self, done: int = 0, errors: int = 0, tiles: int = 0, found: int = 0,
+          resolved: int = 0) -> None:
+    self.counts.add(ProgressCounts(done, errors, tiles, found, resolved))
+    now = time.monotonic()
+    if self._path:
+      if now - self._last >= WRITE_INTERVAL_S:
+        self.flush()
+    elif now - self._last >= self._config.log_interval_s and self.counts.done:
+      self._last = now
+      logger.info("progress (this worker, %s): %d inputs done (%d failed), %d tiles, "
+                  "%.2f tiles/s", self._stage, self.counts.done, self.counts.errors,
+                  self.counts.tiles, self.counts.tiles / max(now - self._started, 1e-9))
+
+  def flush(self) -> None:
+    if not self._path:
+      return
+    self._last = time.monotonic()
+    temporary = f"{self._path}.tmp"
+    try:
+      with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(self.counts), f)
+      os.replace(temporary, self._path)
+    except OSError:  # the launcher has gone or cleaned up: progress is a convenience
+      pass

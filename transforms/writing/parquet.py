@@ -1,0 +1,106 @@
+"""Writing segmentation rows to Parquet (one explicit schema) and errors to JSON lines."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.parquetio import WriteToParquet
+
+from transforms.config import InferenceConfig, ModelConfig, TilingConfig
+from transforms.types import NODATA_CLASS
+
+__all__ = ["WriteSegmentations", "WriteErrors", "segmentation_schema"]
+
+logger = logging.getLogger(__name__)
+
+MASK_ENCODING = "PNG, 8-bit single channel, H x W; pixel value = index into class_names"
+
+_FIELDS = [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("mask_png", pa.binary()),
+    pa.field("class_counts", pa.list_(pa.int64())),
+    pa.field("pooled_features", pa.list_(pa.float32())),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("precision", pa.string(), nullable=False),
+    pa.field("valid_pixels", pa.int64(), nullable=False),
+    pa.field("crs_wkt", pa.string()),
+    pa.field("crs_epsg", pa.int32()),
+    pa.field("transform", pa.list_(pa.float64())),
+    pa.field("mask_geotiff", pa.string()),
+    pa.field("block_y", pa.int32()),
+    pa.field("block_x", pa.int32()),
+]
+
+
+def segmentation_schema(model: ModelConfig, tiling: TilingConfig,
+                        inference: InferenceConfig) -> pa.Schema:
+  """The output schema; its metadata tells a reader everything needed to use the rows."""
+  labels = model.labels
+  metadata = {
+      "hrnet_beam.model": model.handle,
+      "hrnet_beam.class_names": json.dumps(list(labels.class_names)),
+      "hrnet_beam.palette": json.dumps([list(c) for c in labels.palette]),
+      "hrnet_beam.labels_note": labels.note,
+      "hrnet_beam.num_classes": str(labels.num_classes),
+      "hrnet_beam.feature_dim": str(model.feature_dim),
+      "hrnet_beam.pooling": "mean over the image's pixels of the 1/4-resolution feature "
+                            "of the cell each pixel falls in; each pixel counted once",
+      "hrnet_beam.mask_encoding": MASK_ENCODING,
+      "hrnet_beam.tile_size": str(tiling.tile_size),
+      "hrnet_beam.tile_overlap": str(tiling.tile_overlap),
+      "hrnet_beam.outputs": ",".join(inference.outputs),
+      "hrnet_beam.channel_mapping": model.channel_mapping,
+      "hrnet_beam.precision_requested": model.precision,
+      "hrnet_beam.precision_fallback": model.precision_fallback,
+      "hrnet_beam.precision_note": "each row's precision column says what its model ran at",
+      "hrnet_beam.nodata_class": str(NODATA_CLASS),
+      "hrnet_beam.nodata_note": f"mask value {NODATA_CLASS} marks nodata pixels (the "
+                                "raster's nodata value, mask or alpha); they are left out "
+                                "of class_counts, pooled_features and valid_pixels",
+      "hrnet_beam.transform_order": "a,b,c,d,e,f (rasterio/affine): x = a*col + b*row + c, "
+                                    "y = d*col + e*row + f, at pixel corners",
+  }
+  return pa.schema(_FIELDS, metadata=metadata)
+
+
+class WriteSegmentations(beam.PTransform):
+  """PCollection[Segmentation] -> Parquet files `<prefix>-SSSSS-of-NNNNN.parquet`.
+
+  Beam's sink writes temporary files and renames them when the job ends, so a failed
+  run leaves no partial Parquet file under the prefix. Usage:
+      rows | WriteSegmentations("out/segmentations", schema)
+  """
+
+  def __init__(self, file_path_prefix: str, schema: pa.Schema):
+    super().__init__()
+    self._prefix = file_path_prefix
+    self._schema = schema
+
+  def expand(self, rows):
+    return (
+        rows
+        | "AsDicts" >> beam.Map(dataclasses.asdict)
+        # Rows carry mask PNGs of up to a few MB: small record batches bound the memory.
+        | "WriteParquet" >> WriteToParquet(self._prefix, self._schema, record_batch_size=4,
+                                           row_group_buffer_size=32 << 20,
+                                           file_name_suffix=".parquet", codec="snappy"))
+
+
+class WriteErrors(beam.PTransform):
+  """PCollection[ErrorRecord] -> JSON lines `<prefix>-SSSSS-of-NNNNN.jsonl`, one per error."""
+
+  def __init__(self, file_path_prefix: str):
+    super().__init__()
+    self._prefix = file_path_prefix
+
+  def expand(self, errors):
+    return (
+        errors
+        | "AsJson" >> beam.Map(lambda e: json.dumps(dataclasses.asdict(e), sort_keys=True))
+        | "WriteErrors" >> beam.io.WriteToText(self._prefix, file_name_suffix=".jsonl"))
