@@ -18,6 +18,7 @@ class DecodeConfig:
   tfrecord_id_keys: tuple = ("image/filename", "image/id")
   window_threshold: int = 64_000_000   # TIFFs above this many pixels are read by block
   block_size: int = 4096               # block side for those; one row per block
+  max_record_bytes: int = 1 << 30      # larger files and shard records are errors, unread
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,6 +81,11 @@ class HRNetOptions(PipelineOptions):
         help="Features tried in order for a record's id (else its index in the shard).")
 
     groups["inputs"].add_argument(
+        "--max_record_bytes", type=int, default=DecodeConfig.max_record_bytes,
+        help="An image file, TFRecord record or tar member larger than this many bytes "
+             "(default 1 GiB, half of the 2 GiB that Beam's data channel carries) becomes "
+             "one error, passed over without being read into memory; the shard goes on.")
+    groups["inputs"].add_argument(
         "--max_pixels", type=int, default=100_000_000,
         help="Images declaring more pixels than this go to the errors output undecoded "
              "(TIFFs above --window_threshold are read by blocks instead, never whole).")
@@ -417,7 +422,7 @@ def job_config_from_options(options: HRNetOptions,
   if options.progress_interval <= 0:
     raise ConfigError(f"--progress_interval {options.progress_interval}: use seconds > 0")
   for name in ("batch_size", "model_batch_size", "max_pixels", "model_copies",
-               "window_threshold", "block_size"):
+               "window_threshold", "block_size", "max_record_bytes"):
     _positive(name, getattr(options, name))
   if options.max_error_fraction is not None and not 0 <= options.max_error_fraction < 1:
     raise ConfigError(f"--max_error_fraction {options.max_error_fraction}: use a fraction "
@@ -430,7 +435,8 @@ def job_config_from_options(options: HRNetOptions,
       options.max_pixels, options.max_error_fraction, options.input_format,
       options.tfrecord_image_key,
       tuple(k.strip() for k in options.tfrecord_id_keys.split(",") if k.strip()),
-      window_threshold=options.window_threshold, block_size=options.block_size)
+      window_threshold=options.window_threshold, block_size=options.block_size,
+      max_record_bytes=options.max_record_bytes)
   input_total = _match_inputs(list(options.input), decode)
   _check_writable(rows_prefix, run_id)
   _check_writable(errors_prefix, run_id)

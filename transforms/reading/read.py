@@ -64,6 +64,12 @@ class _DecodeFn(beam.DoFn):
       image_id, source, data = element.image_id, element.source, element.data
     else:
       image_id = source = element.metadata.path
+      size, limit = element.metadata.size_in_bytes, self._config.max_record_bytes
+      if size > limit:
+        yield self._error(image_id, source, "read",
+                          f"file is {size:,} bytes, above the limit of {limit:,} bytes "
+                          "(--max_record_bytes); not read")
+        return
       try:
         data = element.read()
       except Exception as e:  # pylint: disable=broad-except
@@ -183,9 +189,10 @@ class _ShardRecordsFn(beam.DoFn):
       with readable_file.open() as stream:
         if shard_format == FORMAT_TFRECORD:
           records = tfrecord_examples(stream, self._config.tfrecord_image_key,
-                                      tuple(self._config.tfrecord_id_keys))
+                                      tuple(self._config.tfrecord_id_keys),
+                                      self._config.max_record_bytes)
         else:
-          records = tar_samples(stream)
+          records = tar_samples(stream, self._config.max_record_bytes)
         for record in records:
           count += 1
           image_id = f"{shard}#{record.key}"
@@ -285,8 +292,8 @@ class ReadImages(beam.PTransform):
         {"input": (pbegin
                    | "Patterns" >> beam.Create(self._patterns)
                    | "MatchInputs" >> fileio.MatchAll()
-                   | "KeyInputs" >> beam.Map(lambda meta: (meta.path, FileMetadata(meta.path,
-                                                                                   0)))),
+                   | "KeyInputs" >> beam.Map(lambda meta: (meta.path, FileMetadata(
+                       meta.path, meta.size_in_bytes)))),
          "done": done}
         | "OncePerFile" >> beam.CoGroupByKey()
         | "KeepNewFiles" >> beam.ParDo(_KeepNewFn(config, progress)).with_outputs(ERRORS, main="files"))

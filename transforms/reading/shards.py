@@ -42,13 +42,44 @@ def detect_format(path: str) -> str:
   return FORMAT_IMAGE
 
 
-def _masked_crc(data: bytes) -> int:
-  crc = google_crc32c.value(data)
+SKIP_CHUNK = 8 << 20   # bytes read at a time when passing over a record that is too large
+
+
+@dataclasses.dataclass(frozen=True)
+class TooLarge:
+  """A record passed over without being held in memory: its name and size in bytes."""
+  name: str
+  size: int
+
+  def reason(self, limit: int) -> str:
+    return (f"{self.name} is {self.size:,} bytes, above the record limit of {limit:,} bytes "
+            "(--max_record_bytes); it was passed over, not read into memory")
+
+
+def _mask(crc: int) -> int:
   return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def tfrecord_payloads(stream: BinaryIO) -> Iterator[bytes]:
-  """The records of a TFRecord stream (already decompressed), CRCs checked."""
+def _masked_crc(data: bytes) -> int:
+  return _mask(google_crc32c.value(data))
+
+
+def _skip_payload(stream: BinaryIO, length: int, index: int) -> int:
+  """Reads past `length` bytes in chunks; returns their masked CRC."""
+  checksum, left = google_crc32c.Checksum(), length
+  while left:
+    chunk = stream.read(min(left, SKIP_CHUNK))
+    if not chunk:
+      raise ShardError(f"truncated at record {index} ({length - left} of {length} bytes)")
+    checksum.update(chunk)
+    left -= len(chunk)
+  return _mask(int.from_bytes(checksum.digest(), "big"))
+
+
+def tfrecord_payloads(stream: BinaryIO, max_bytes: Optional[int] = None
+                      ) -> Iterator[bytes | TooLarge]:
+  """The records of a TFRecord stream (already decompressed), CRCs checked. A record above
+  `max_bytes` is read past in chunks (its CRC still checked) and yields TooLarge."""
   index = 0
   while True:
     header = stream.read(12)
@@ -59,22 +90,33 @@ def tfrecord_payloads(stream: BinaryIO) -> Iterator[bytes]:
     length, length_crc = struct.unpack("<QI", header)
     if _masked_crc(header[:8]) != length_crc:
       raise ShardError(f"corrupt at record {index} (length checksum mismatch)")
-    payload = stream.read(length)
+    if max_bytes is not None and length > max_bytes:
+      crc = _skip_payload(stream, length, index)
+      payload = TooLarge(f"record {index}", length)
+    else:
+      payload = stream.read(length)
+      if len(payload) < length:
+        raise ShardError(f"truncated at record {index} ({len(payload)} of {length} bytes)")
+      crc = _masked_crc(payload)
     footer = stream.read(4)
-    if len(payload) < length or len(footer) < 4:
-      raise ShardError(f"truncated at record {index} ({len(payload)} of {length} bytes)")
-    if _masked_crc(payload) != struct.unpack("<I", footer)[0]:
+    if len(footer) < 4:
+      raise ShardError(f"truncated at record {index} ({length} of {length} bytes, no CRC)")
+    if crc != struct.unpack("<I", footer)[0]:
       raise ShardError(f"corrupt at record {index} (data checksum mismatch)")
     yield payload
     index += 1
 
 
-def tfrecord_examples(stream: BinaryIO, image_key: str,
-                      id_keys: tuple) -> Iterator[ShardRecord]:
-  """tf.train.Example records -> ShardRecords (image under `image_key`, id under an id key)."""
+def tfrecord_examples(stream: BinaryIO, image_key: str, id_keys: tuple,
+                      max_bytes: Optional[int] = None) -> Iterator[ShardRecord]:
+  """tf.train.Example records -> ShardRecords (image under `image_key`, id under an id key).
+  A record above `max_bytes` becomes a ShardRecord with a problem, keyed by its index."""
   from tensorflow.core.example import example_pb2  # pylint: disable=import-outside-toplevel
-  for index, payload in enumerate(tfrecord_payloads(stream)):
+  for index, payload in enumerate(tfrecord_payloads(stream, max_bytes)):
     key = str(index)
+    if isinstance(payload, TooLarge):
+      yield ShardRecord(index, key, None, payload.reason(max_bytes))
+      continue
     try:
       features = example_pb2.Example.FromString(payload).features.feature
     except Exception as e:  # pylint: disable=broad-except  # protobuf DecodeError
@@ -99,13 +141,19 @@ def _webdataset_key(member_name: str) -> tuple[str, str]:
   return (f"{directory}/{stem}" if directory else stem), extension.lower()
 
 
-def tar_samples(stream: BinaryIO) -> Iterator[ShardRecord]:
+def tar_samples(stream: BinaryIO, max_bytes: Optional[int] = None) -> Iterator[ShardRecord]:
   """WebDataset tar (plain or gzip): consecutive members sharing a key form one sample,
-  and the sample's image is its member with an image extension."""
+  and the sample's image is its member with an image extension. A member above
+  `max_bytes` is passed over unread (tar streams skip by reading in blocks) and its
+  sample gets a problem."""
   index = 0
   current_key, files = None, {}
 
   def sample():
+    too_large = next((f for f in files.values() if isinstance(f, TooLarge)), None)
+    if too_large is not None:
+      return ShardRecord(index, current_key, None,
+                         f"sample {index} ({current_key}): {too_large.reason(max_bytes)}")
     image = next((files[e] for e in files if e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
     if image is None:
       return ShardRecord(index, current_key, None,
@@ -124,7 +172,10 @@ def tar_samples(stream: BinaryIO) -> Iterator[ShardRecord]:
           index += 1
           files = {}
         current_key = key
-        files[extension] = archive.extractfile(member).read()
+        if max_bytes is not None and member.size > max_bytes:
+          files[extension] = TooLarge(f"member {member.name}", member.size)
+        else:
+          files[extension] = archive.extractfile(member).read()
   except (tarfile.TarError, EOFError, OSError, struct.error) as e:
     raise ShardError(f"damaged after sample {index} ({type(e).__name__}: {e})") from e
   if current_key is not None:
