@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 
 HOST = "127.0.0.1"
@@ -84,6 +85,8 @@ class FaultProxy:
   def __init__(self, target_port: int, fraction: float, max_faults: int, seed: int = 0,
                lifetime_s: float = 300.0):
     self.faults = {"503": 0, "429": 0, "drop": 0}
+    self.denied = []   # (method, path) of requests answered 403 by a deny rule
+    self._deny = []    # (method or None, text in the unquoted path and query)
     self.forwarded = 0
     self.bytes_out = {}   # request path -> response bytes, to see what a reader fetched
     self._lock = threading.Lock()
@@ -102,6 +105,8 @@ class FaultProxy:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         fault = proxy.choose_fault()
+        if proxy.denies(self.command, self.path):
+          fault = "403"
         if fault == "drop":
           self.close_connection = True
           self.connection.shutdown(socket.SHUT_RDWR)
@@ -145,6 +150,24 @@ class FaultProxy:
     self._timer = threading.Timer(lifetime_s, self.stop)
     self._timer.daemon = True
     self._timer.start()
+
+  def deny(self, text: str, method: str | None = None) -> None:
+    """Answers 403 Forbidden to every request (of `method`, or any) whose unquoted path
+    and query contain `text`, as GCS does without the IAM permission."""
+    with self._lock:
+      self._deny.append((method, text))
+
+  def allow_all(self) -> None:
+    with self._lock:
+      self._deny = []
+
+  def denies(self, method: str, path: str) -> bool:
+    unquoted = urllib.parse.unquote(path)
+    with self._lock:
+      if any((m is None or m == method) and text in unquoted for m, text in self._deny):
+        self.denied.append((method, unquoted))
+        return True
+    return False
 
   def set_faults(self, fraction: float, max_faults: int, seed: int = 0) -> None:
     with self._lock:

@@ -12,7 +12,7 @@ from PIL import Image
 from pipeline.job.config import ConfigError
 from pipeline.cli.stage_model import stage_model
 
-from conftest import read_errors, run_job, textured_image
+from conftest import read_errors, read_rows, run_job, textured_image
 from inputs import png_bytes, upload
 
 
@@ -79,6 +79,40 @@ def test_missing_output_bucket_fails_before_launch(gcs, bucket, tiny_model):
                                         "gs://no-such-bucket-y"):
     run_job("--input", f"{bucket}/images/0.png", "--output", "gs://no-such-bucket-y/rows",
             "--model", tiny_model)
+
+
+def test_a_forbidden_input_object_is_one_error_and_the_job_goes_on(gcs, bucket, tiny_model,
+                                                                   tmp_path):
+  sources = _stage_inputs(bucket, count=3)
+  gcs.proxy.deny("images/1.png", method="GET")   # listed, but its bytes are forbidden
+  try:
+    summary = run_job("--input", f"{bucket}/images/*.png", "--output", tmp_path / "rows",
+                      "--model", tiny_model)
+  finally:
+    gcs.proxy.allow_all()
+  assert gcs.proxy.denied, "the proxy never saw the forbidden read"
+  assert (summary.inputs, summary.rows, summary.errors) == (4, 2, 2)
+  assert sorted(read_rows(tmp_path / "rows")) == sorted(s for s in sources
+                                                        if not s.endswith("/1.png"))
+  errors = {e["source"]: e for e in read_errors(tmp_path / "rows-errors")}
+  forbidden = errors[f"{bucket}/images/1.png"]
+  assert forbidden["stage"] == "read" and "403" in forbidden["reason"]
+
+
+def test_a_forbidden_output_location_fails_before_launch_naming_it(gcs, bucket, tiny_model):
+  """An output bucket the job may read but not write (no storage.objects.create)."""
+  _stage_inputs(bucket, count=1)
+  output_bucket = f"{bucket}-out"
+  gcs.emulator.create_bucket(output_bucket.removeprefix("gs://"))
+  gcs.proxy.deny(f"/b/{output_bucket.removeprefix('gs://')}/o", method="POST")
+  try:
+    with pytest.raises(ConfigError, match=f"cannot write to the output location "
+                                          f"{output_bucket}/out.*403"):
+      run_job("--input", f"{bucket}/images/0.png", "--output", f"{output_bucket}/out/rows",
+              "--model", tiny_model)
+  finally:
+    gcs.proxy.allow_all()
+  assert gcs.proxy.denied
 
 
 def test_shards_in_a_bucket(gcs, bucket, pixel_local_model, tmp_path):
