@@ -23,6 +23,7 @@ class JobConfig:
   inference: InferenceConfig
   run_id: str = ""
   existing_rows: str | None = None   # pattern of earlier runs' Parquet files to skip
+  existing_errors: str | None = None  # pattern of earlier runs' error files to skip
   max_error_fraction: float | None = None
   mask_geotiff_dir: str | None = None   # where georeferenced masks go as COGs
   input_total: ProgressTotal = ProgressTotal(0, 0)   # what the pre-launch match found

@@ -12,8 +12,9 @@ from transforms.writing import (WriteErrors, WriteMaskGeoTiffs, WriteSegmentatio
 
 def build_pipeline(p: beam.Pipeline, cfg: JobConfig) -> None:
   """Files -> decoded images -> tiles -> RunInference -> stitched rows -> Parquet; errors aside."""
-  images, read_errors = p | "ReadImages" >> ReadImages(list(cfg.input_patterns), cfg.decode,
-                                                       cfg.existing_rows, cfg.progress)
+  images, read_errors = p | "ReadImages" >> ReadImages(
+      list(cfg.input_patterns), cfg.decode, cfg.existing_rows, cfg.progress,
+      existing_errors=cfg.existing_errors)
   rows, segment_errors = images | "SegmentImages" >> SegmentImages(
       cfg.tiling, cfg.model, cfg.inference, cfg.progress)
   if cfg.mask_geotiff_dir:

@@ -182,9 +182,14 @@ class HRNetOptions(PipelineOptions):
 
     groups["robustness"].add_argument(
         "--skip_existing", action="store_true", default=False,
-        help="With an output directory: process only inputs that have no row in the "
-             "Parquet files already there (earlier runs).")
+        help="With an output directory: process only inputs that have neither a row nor an "
+             "error in the files earlier runs wrote there.")
 
+    groups["robustness"].add_argument(
+        "--retry_errors", action="store_true", default=False,
+        help="With --skip_existing: also process inputs that earlier runs recorded as "
+             "errors (by default they are skipped like inputs with rows, so a deterministic "
+             "failure is reported once).")
     groups["robustness"].add_argument(
         "--max_error_fraction", type=float, default=None,
         help="Fail the job when more than this fraction of inputs fail (default: never). "
@@ -358,27 +363,34 @@ def _run_id(given: str | None) -> str:
   return given
 
 
-def _outputs(options, run_id: str) -> tuple[str, str, str | None]:
-  """(rows prefix, errors prefix, pattern of earlier runs' rows or None)."""
+def _earlier(pattern: str) -> str | None:
+  """The pattern if earlier runs wrote files matching it, else None."""
+  try:
+    found = FileSystems.match([pattern], limits=[1])[0].metadata_list
+  except Exception:  # pylint: disable=broad-except  # a new directory: nothing to skip
+    found = []
+  return pattern if found else None
+
+
+def _outputs(options, run_id: str) -> tuple[str, str, str | None, str | None]:
+  """(rows prefix, errors prefix, patterns of earlier runs' rows and errors, or None)."""
   if not _is_directory(options.output):
     if options.skip_existing:
       raise ConfigError(f"--skip_existing needs --output to be a directory (end it with "
                         f"'/'), so that runs write side by side; got {options.output!r}")
-    return options.output, options.errors_output or f"{options.output}-errors", None
+    return options.output, options.errors_output or f"{options.output}-errors", None, None
+  if options.retry_errors and not options.skip_existing:
+    raise ConfigError("--retry_errors only means something with --skip_existing")
   directory = options.output.rstrip("/")
   rows = f"{directory}/{ROWS_NAME}-{run_id}"
   errors = options.errors_output or f"{directory}/{ERRORS_NAME}-{run_id}"
-  existing = None
+  existing_rows = existing_errors = None
   if options.skip_existing:
-    pattern = f"{directory}/{ROWS_NAME}-*-of-*.parquet"
-    try:
-      found = FileSystems.match([pattern], limits=[1])[0].metadata_list
-    except Exception:  # pylint: disable=broad-except  # a new directory: nothing to skip
-      found = []
-    existing = pattern if found else None
-    logger.info("--skip_existing: %s", f"skipping inputs with rows in {pattern}"
-                if found else f"no earlier rows in {directory}; nothing to skip")
-  return rows, errors, existing
+    existing_rows = _earlier(f"{directory}/{ROWS_NAME}-*-of-*.parquet")
+    if not options.retry_errors:
+      existing_errors = _earlier(f"{directory}/{ERRORS_NAME}-*-of-*.jsonl")
+    logger.info("--skip_existing: rows %s, errors %s", existing_rows, existing_errors)
+  return rows, errors, existing_rows, existing_errors
 
 
 def _check_writable(prefix: str, run_id: str) -> None:
@@ -430,7 +442,7 @@ def job_config_from_options(options: HRNetOptions,
   tiling = _check_tiling(options.tile_size, options.tile_overlap)
   outputs = _parse_outputs(options.outputs)
   run_id = _run_id(options.run_id)
-  rows_prefix, errors_prefix, existing = _outputs(options, run_id)
+  rows_prefix, errors_prefix, existing, existing_errors = _outputs(options, run_id)
   decode = DecodeConfig(
       options.max_pixels, options.max_error_fraction, options.input_format,
       options.tfrecord_image_key,
@@ -485,6 +497,7 @@ def job_config_from_options(options: HRNetOptions,
       decode=decode,
       tiling=tiling,
       model=model, inference=inference, run_id=run_id, existing_rows=existing,
+      existing_errors=existing_errors,
       max_error_fraction=options.max_error_fraction,
       mask_geotiff_dir=options.mask_geotiff_dir, input_total=input_total,
       progress=ProgressConfig(log_interval_s=options.progress_interval),

@@ -208,9 +208,14 @@ def test_rerun_with_skip_existing_completes_the_set_exactly_once(pixel_local_mod
                    "segmentations-second-00000-of-00001.parquet"]
   union = read_rows(f"{out}segmentations")  # asserts each image_id appears once
   assert sorted(union) == sorted(str(images / f"{i}.png") for i in range(7))
+  # The broken file's error is recorded once: a rerun skips it like the rows...
   third = run_job("--input", images / "*.png", "--output", out, "--model",
                   pixel_local_model, "--skip_existing")
-  assert (third.rows, third.skipped) == (0, 7)
+  assert (third.rows, third.errors, third.skipped) == (0, 0, 8)
+  # ...unless asked to try failed inputs again.
+  fourth = run_job("--input", images / "*.png", "--output", out, "--model",
+                   pixel_local_model, "--skip_existing", "--retry_errors")
+  assert (fourth.rows, fourth.errors, fourth.skipped) == (0, 1, 7)
 
 
 def test_skip_existing_needs_an_output_directory(pixel_local_model, tmp_path):

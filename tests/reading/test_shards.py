@@ -83,14 +83,19 @@ def test_shards_of_every_kind_through_the_job(pixel_local_model, tmp_path):
 
 
 def test_shard_records_are_skipped_by_id_on_rerun(pixel_local_model, tmp_path):
-  shard = write_tfrecord(tmp_path / "a.tfrecord",
-                         [tf_example(shard_png(i), **{"image/id": f"r{i}"}) for i in range(4)])
+  """Rows and the errors of bad records and of a damaged tail are each skipped by id."""
+  whole = open(write_tfrecord(tmp_path / "whole.tfrecord", [
+      *[tf_example(shard_png(i), **{"image/id": f"r{i}"}) for i in range(4)],
+      tf_example(None, **{"image/id": "no-image"}),
+      tf_example(shard_png(9), **{"image/id": "lost"})]), "rb").read()
+  shard = tmp_path / "a.tfrecord"
+  shard.write_bytes(whole[:-50])   # the last record is cut short
   out = f"{tmp_path / 'out'}/"
   first = run_job("--input", shard, "--output", out, "--model", pixel_local_model)
-  assert first.rows == 4
+  assert (first.rows, first.errors) == (4, 2)
   second = run_job("--input", shard, "--output", out, "--model", pixel_local_model,
                    "--skip_existing")
-  assert (second.rows, second.skipped) == (0, 4)
+  assert (second.inputs, second.rows, second.errors, second.skipped) == (0, 0, 0, 6)
 
 
 def test_repeated_key_in_a_shard_is_reported_not_doubled(pixel_local_model, tmp_path):

@@ -1,6 +1,7 @@
 """Reading images from file patterns (local or gs://): single image files and shards."""
 from __future__ import annotations
 
+import json
 import logging
 
 import apache_beam as beam
@@ -157,29 +158,25 @@ BLOCKS = "blocks"
 
 
 class _ShardRecordsFn(beam.DoFn):
-  """A shard (ReadableFile) -> (image_id, EncodedImage) per record; bad records and the
-  damaged remainder of a shard go to the errors output, each counted as one input."""
+  """A shard (ReadableFile) -> (image_id, EncodedImage) per record, or (image_id,
+  ErrorRecord) for a bad record and for the damaged remainder of a shard. Errors are keyed
+  like records so that a rerun skips them too; _KeepNewFn counts and reports them."""
 
   def __init__(self, config: DecodeConfig, progress: ProgressConfig):
     self._config = config
     self._progress_config = progress
-    self._inputs = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "inputs")
-    self._errors = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "decode_errors")
     self._records = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "shard_records")
-    self._budget = None
     self._progress = None
 
   def setup(self):
-    self._budget = ErrorBudget(self._config.max_error_fraction, "read")
     self._progress = ProgressReporter(self._progress_config, "shards")
 
   def finish_bundle(self):
     self._progress.flush()
 
-  def _error(self, image_id: str, shard: str, reason: str):
-    self._inputs.inc()
-    return _error_output(self._errors, self._budget, self._progress,
-                         ErrorRecord(image_id, shard, "read", reason))
+  @staticmethod
+  def _error(image_id: str, shard: str, reason: str):
+    return image_id, ErrorRecord(image_id, shard, "read", reason)
 
   def process(self, readable_file):
     shard = readable_file.metadata.path
@@ -215,9 +212,10 @@ class _ShardRecordsFn(beam.DoFn):
 
 
 class _KeepNewFn(beam.DoFn):
-  """(id, {'input': [...], 'done': [...]}) -> the input once, unless a row exists for id.
-
-  A second input with the same id (a shard with a repeated key) is reported, not dropped.
+  """(id, {'input': [...], 'done': [...]}) -> the input once, unless an earlier run wrote a
+  row or an error for id. An ErrorRecord input (a bad shard record) goes to the errors
+  output. A second input with the same id (a shard with a repeated key) is reported, not
+  dropped.
   """
 
   def __init__(self, config: DecodeConfig, progress: ProgressConfig):
@@ -227,9 +225,15 @@ class _KeepNewFn(beam.DoFn):
     self._inputs = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "inputs")
     self._errors = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "decode_errors")
     self._progress = None
+    self._budget = None
 
   def setup(self):
     self._progress = ProgressReporter(self._progress_config, "skip")
+    self._budget = ErrorBudget(self._config.max_error_fraction, "read")
+
+  def _error(self, record: ErrorRecord):
+    self._inputs.inc()
+    return _error_output(self._errors, self._budget, self._progress, record)
 
   def finish_bundle(self):
     self._progress.flush()
@@ -246,13 +250,14 @@ class _KeepNewFn(beam.DoFn):
                        may_expand(i.path, self._config))
       self._progress.add(done=len(inputs), resolved=min(expandable, 1))
       return
-    yield inputs[0]
+    first = inputs[0]
+    yield self._error(first) if isinstance(first, ErrorRecord) else first
     for duplicate in inputs[1:]:
-      if isinstance(duplicate, EncodedImage):  # the same file matched twice is just one input
-        self._inputs.inc()
-        self._errors.inc()
-        self._progress.add(done=1, errors=1)
-        yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
+      # The same file matched twice is just one input; records are each an input.
+      if isinstance(duplicate, ErrorRecord):
+        yield self._error(duplicate)
+      elif isinstance(duplicate, EncodedImage):
+        yield self._error(ErrorRecord(
             image_id, duplicate.source, "read",
             "another record of this shard has the same key; only the first is processed"))
 
@@ -267,25 +272,36 @@ class ReadImages(beam.PTransform):
   Matches the patterns; image files are read once each (a file matched by two patterns
   too), shards (TFRecord, WebDataset tar) are expanded into records. Files, then shard
   records, are shuffled by id so work spreads over workers and, given `existing_rows`,
-  ids that already have a row are skipped. Usage:
+  ids that already have a row or an error from an earlier run are skipped. Usage:
       images, errors = p | ReadImages(["gs://bucket/tiles/*.png"], DecodeConfig())
   """
 
   def __init__(self, patterns: list[str], config: DecodeConfig,
-               existing_rows: str | None = None, progress: ProgressConfig = ProgressConfig()):
+               existing_rows: str | None = None, progress: ProgressConfig = ProgressConfig(),
+               existing_errors: str | None = None):
     super().__init__()
     self._patterns = list(patterns)
     self._config = config
     self._existing_rows = existing_rows
+    self._existing_errors = existing_errors
     self._progress = progress
 
   def expand(self, pbegin):
     config, progress = self._config, self._progress
+    earlier = []
     if self._existing_rows:
-      done = (
+      earlier.append(
           pbegin
           | "ReadExistingIds" >> ReadFromParquet(self._existing_rows, columns=["image_id"])
-          | "KeyExisting" >> beam.Map(lambda row: (row["image_id"], None)))
+          | "RowIds" >> beam.Map(lambda row: row["image_id"]))
+    if self._existing_errors:
+      earlier.append(
+          pbegin
+          | "ReadExistingErrors" >> beam.io.ReadFromText(self._existing_errors)
+          | "ErrorIds" >> beam.Map(lambda line: json.loads(line)["image_id"]))
+    if earlier:
+      done = (earlier | "EarlierIds" >> beam.Flatten()
+              | "KeyExisting" >> beam.Map(lambda image_id: (image_id, None)))
     else:
       done = pbegin | "NothingDone" >> beam.Create([])
     files = (
