@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 DEMO := demo-output
 
-.PHONY: venv demo test bench bench-quick clean
+.PHONY: venv demo test bench bench-quick bench-many clean
 
 $(STAMP): setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick --report bench-report-quick.json
+
+# 20,000 small files and a 20,000-record shard through the local runner (a few minutes).
+bench-many: $(STAMP)
+	$(BIN)/python -m benchmarks.many_files --report bench-report-many.json
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info .pytest_cache
