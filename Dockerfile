@@ -2,7 +2,7 @@
 #   Python 3.11 + TensorFlow with its CUDA libraries from PyPI (tensorflow[and-cuda]); the
 #   NVIDIA driver itself comes from the host (service option install-nvidia-driver).
 #   Beam's boot program, which Dataflow starts, is copied from Beam's own SDK image of the
-#   same Beam version as setup.py pins (tests/test_dataflow.py checks they agree).
+#   same Beam version as setup.py pins (tests/job/test_dataflow.py checks they agree).
 ARG BEAM_VERSION=2.77.0
 FROM apache/beam_python3.11_sdk:${BEAM_VERSION} AS beam_sdk
 
