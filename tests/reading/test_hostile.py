@@ -112,3 +112,13 @@ def test_files_and_records_above_max_record_bytes_are_errors(pixel_local_model, 
   assert "above the limit of 100,000 bytes (--max_record_bytes); not read" in errors[big_png]
   assert "record 1 is" in errors[f"{shard}#1"] and "member x.png is" in errors[f"{tar}#x"]
   assert (summary.inputs, summary.rows, summary.errors) == (7, 4, 3)
+
+
+def test_decoded_pixels_above_the_limit_are_an_error(pixel_local_model, tmp_path):
+  """A small file can decode to far more bytes (here 120x160x3 = 57,600)."""
+  path = save_image(tmp_path / "flat.png", np.zeros((120, 160, 3), np.uint8))
+  summary = run_job("--input", path, "--output", tmp_path / "rows", "--model",
+                    pixel_local_model, "--max_record_bytes", 50_000)
+  assert (summary.rows, summary.errors) == (0, 1)
+  (error,) = read_errors(tmp_path / "rows-errors")
+  assert error["stage"] == "decode" and "decoded pixels are 57,600 bytes" in error["reason"]

@@ -84,6 +84,13 @@ class _DecodeFn(beam.DoFn):
     except MemoryError:
       yield self._error(image_id, source, "decode", "out of memory while decoding")
       return
+    decoded = raster.pixels.nbytes
+    if decoded > self._config.max_record_bytes:
+      # Under --max_pixels but many bands deep: never let such an element reach a runner.
+      yield self._error(image_id, source, "decode",
+                        f"decoded pixels are {decoded:,} bytes {raster.pixels.shape}, above "
+                        f"--max_record_bytes={self._config.max_record_bytes:,}")
+      return
     self._budget.record(failed=False)
     yield ImageRecord(image_id, source, raster.pixels, raster.geo, raster.valid)
 
