@@ -7,6 +7,7 @@ from transforms.labels import LabelSet
 
 OUTPUT_MASKS = "masks"
 OUTPUT_FEATURES = "features"
+OUTPUT_CONFIDENCE = "confidence"   # a confidence PNG per row, beside the mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ModelConfig:
   channel_mapping: str = "rgb"   # how decoded RGB becomes the model's input (tiling.py)
   precision: str = "float32"     # float32, bfloat16 or float16 (precision.py)
   precision_fallback: str = "float32"   # where unsupported: run float32, or "fail"
+  scores_kind: str = "logits"    # what predict returns, found at load: probabilities or logits
 
   @property
   def num_classes(self) -> int:
@@ -56,6 +58,8 @@ class InferenceConfig:
   require_gpu: bool = False    # workers fail at model load if TensorFlow sees no GPU
   intra_op_threads: int = 0    # TensorFlow's thread pools per process; 0: TF's default
   inter_op_threads: int = 0
+  confidence_threshold: float = 0.5     # pixels below it count in low_confidence_fraction
+  ignore_below: float | None = None     # pseudo-label masks: IGNORE_VALUE below this
 
   @property
   def want_masks(self) -> bool:
@@ -64,3 +68,7 @@ class InferenceConfig:
   @property
   def want_features(self) -> bool:
     return OUTPUT_FEATURES in self.outputs
+
+  @property
+  def want_confidence(self) -> bool:
+    return OUTPUT_CONFIDENCE in self.outputs

@@ -103,6 +103,10 @@ class TileResult:
   error: Optional[str] = None
   precision: str = "float32"                   # what the model really ran at
   counted_pixels: Optional[int] = None         # valid pixels of the owned box; None: all
+  qa_sums: Optional[np.ndarray] = None         # (4,) float64 over own valid pixels
+  class_confidence_sums: Optional[np.ndarray] = None   # (classes,) float64
+  confidence: Optional[np.ndarray] = None      # (own_h, own_w) uint8, when asked for
+  pseudo_labels: Optional[np.ndarray] = None   # (own_h, own_w) uint8, when asked for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +128,13 @@ class Segmentation:
   mask_geotiff: Optional[str] = None    # URI of the mask as a COG (--mask_geotiff_dir)
   block_y: Optional[int] = None         # a block's offset in its raster (huge rasters)
   block_x: Optional[int] = None
+  mean_confidence: Optional[float] = None       # QA over the valid pixels (with masks)
+  mean_margin: Optional[float] = None
+  mean_entropy: Optional[float] = None
+  low_confidence_fraction: Optional[float] = None
+  class_mean_confidence: Optional[list] = None  # per class; None where a class is absent
+  confidence_png: Optional[bytes] = None        # max probability x 255 (--outputs confidence)
+  pseudo_label_png: Optional[bytes] = None      # mask with IGNORE_VALUE (--ignore_below)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,9 @@ from pipeline.job.config import ConfigError, JobConfig
 from pipeline.job.progress import MODES as PROGRESS_MODES
 from pipeline.job.progress import ProgressTotal
 from transforms import labels as labels_lib
-from transforms.config import (OUTPUT_FEATURES, OUTPUT_MASKS, DecodeConfig, InferenceConfig,
-                               ModelConfig, TilingConfig)
+from transforms.config import (OUTPUT_CONFIDENCE, OUTPUT_FEATURES, OUTPUT_MASKS,
+                               DecodeConfig, InferenceConfig, ModelConfig, TilingConfig)
+from transforms.inference.confidence import MAX_CLASSES_WITH_IGNORE
 from transforms.inference.model import inspect_model
 from transforms.progress import ProgressConfig
 from transforms.reading.read import may_expand
@@ -172,8 +173,17 @@ class HRNetOptions(PipelineOptions):
 
     groups["outputs"].add_argument(
         "--outputs", default=f"{OUTPUT_MASKS},{OUTPUT_FEATURES}",
-        help="What to compute: 'masks', 'features' or 'masks,features'.")
+        help="What to compute: 'masks', 'features' or both, comma-separated; add "
+             "'confidence' (with masks) for a confidence PNG per row.")
 
+    groups["outputs"].add_argument(
+        "--confidence_threshold", type=float, default=0.5,
+        help="Pixels whose top class probability is below this count in each row's "
+             "low_confidence_fraction.")
+    groups["outputs"].add_argument(
+        "--ignore_below", type=float, default=None,
+        help="Also write a pseudo-label mask (pseudo_label_png) in which pixels whose top "
+             "probability is below this carry the ignore value 254 (nodata stays 255).")
     groups["outputs"].add_argument(
         "--mask_geotiff_dir", default=None,
         help="Also write each georeferenced input's mask as a Cloud-Optimized GeoTIFF "
@@ -290,11 +300,18 @@ def _match_inputs(patterns: list[str], decode: DecodeConfig) -> ProgressTotal:
 
 def _parse_outputs(text: str) -> tuple:
   outputs = tuple(dict.fromkeys(o.strip() for o in text.split(",") if o.strip()))
-  allowed = (OUTPUT_MASKS, OUTPUT_FEATURES)
+  allowed = (OUTPUT_MASKS, OUTPUT_FEATURES, OUTPUT_CONFIDENCE)
   if not outputs or any(o not in allowed for o in outputs):
-    raise ConfigError(f"--outputs {text!r}: use one or both of {', '.join(allowed)}, "
+    raise ConfigError(f"--outputs {text!r}: use one or more of {', '.join(allowed)}, "
                       "comma-separated")
+  if OUTPUT_CONFIDENCE in outputs and OUTPUT_MASKS not in outputs:
+    raise ConfigError(f"--outputs {text!r}: confidence comes with masks; add 'masks'")
   return tuple(o for o in allowed if o in outputs)
+
+
+def _fraction(name: str, value, low_open: bool = True) -> None:
+  if value is not None and not (0 < value <= 1 if low_open else 0 <= value <= 1):
+    raise ConfigError(f"--{name} {value}: use a probability in (0, 1], e.g. 0.9")
 
 
 def _check_tiling(tile_size: int, overlap: int) -> TilingConfig:
@@ -441,6 +458,10 @@ def job_config_from_options(options: HRNetOptions,
                       "in [0, 1), e.g. 0.05")
   tiling = _check_tiling(options.tile_size, options.tile_overlap)
   outputs = _parse_outputs(options.outputs)
+  _fraction("confidence_threshold", options.confidence_threshold)
+  _fraction("ignore_below", options.ignore_below)
+  if options.ignore_below is not None and OUTPUT_MASKS not in outputs:
+    raise ConfigError("--ignore_below needs masks: add 'masks' to --outputs")
   run_id = _run_id(options.run_id)
   rows_prefix, errors_prefix, existing, existing_errors = _outputs(options, run_id)
   decode = DecodeConfig(
@@ -477,13 +498,16 @@ def job_config_from_options(options: HRNetOptions,
   if info.num_classes > 255:
     raise ConfigError(f"model outputs {info.num_classes} classes; masks are 8-bit PNGs "
                       "and hold at most 255")
+  if options.ignore_below is not None and info.num_classes > MAX_CLASSES_WITH_IGNORE:
+    raise ConfigError(f"--ignore_below: model outputs {info.num_classes} classes; the ignore "
+                      f"value {MAX_CLASSES_WITH_IGNORE} would be a class id")
   try:
     mapping = parse_channel_mapping(options.channel_mapping or labels.channel_mapping or "rgb")
   except ValueError as e:
     raise ConfigError(f"--channel_mapping: {e}") from e
   model = ModelConfig(handle, labels, info.feature_dim, info.has_fused_function,
                       options.model_cache_dir, mapping, options.precision,
-                      options.precision_fallback)
+                      options.precision_fallback, info.scores_kind)
   inference = InferenceConfig(
       outputs=outputs, min_batch_size=1,
       max_batch_size=max(options.batch_size, options.model_batch_size),
@@ -491,7 +515,8 @@ def job_config_from_options(options: HRNetOptions,
       share_model_across_processes=options.share_model_across_processes,
       model_copies=options.model_copies, max_error_fraction=options.max_error_fraction,
       require_gpu=_asks_for_gpu(options), intra_op_threads=threads[0],
-      inter_op_threads=threads[1])
+      inter_op_threads=threads[1], confidence_threshold=options.confidence_threshold,
+      ignore_below=options.ignore_below)
   return JobConfig(
       input_patterns=tuple(options.input), output=rows_prefix, errors_output=errors_prefix,
       decode=decode,

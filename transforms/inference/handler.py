@@ -14,7 +14,8 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.config import InferenceConfig, ModelConfig
-from transforms.inference.model import FEATURE_STRIDE, LoadedHRNet, load_hrnet
+from transforms.inference.confidence import QA_SUMS
+from transforms.inference.model import FEATURE_STRIDE, LoadedHRNet, TileOutputs, load_hrnet
 from transforms.metrics import METRICS_NAMESPACE
 from transforms.tiling.channels import map_channels, to_unit_float
 from transforms.tiling.grid import cell_weight_map, own_box_in_tile
@@ -120,17 +121,22 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
     valid_own = [None if tile.valid is None else tile.valid[y0:y1, x0:x1]
                  for tile, (y0, y1, x0, x1) in zip(tiles, boxes)]
     needed = [i for i, valid in enumerate(valid_own) if valid is None or valid.any()]
-    class_ids = sums = None
+    outputs = TileOutputs()
     if needed:
       size, cells = self._tile_size, self._tile_size // FEATURE_STRIDE
       images = np.zeros((self._call_size, size, size, 3), np.float32)
       weights = np.zeros((self._call_size, cells, cells), np.float32)
+      pixel_weights = np.zeros((self._call_size, size, size), np.float32)
       for slot, i in enumerate(needed):
         images[slot] = map_channels(to_unit_float(tiles[i].pixels),
                                     self._model_config.channel_mapping)
         weights[slot] = cell_weight_map(boxes[i], FEATURE_STRIDE, cells, tiles[i].valid)
-      class_ids, sums = model.infer(images, self._inference.want_masks,
-                                    self._inference.want_features, weights)
+        y0, y1, x0, x1 = boxes[i]
+        pixel_weights[slot, y0:y1, x0:x1] = 1 if valid_own[i] is None else valid_own[i]
+      outputs = model.infer_tiles(images, self._inference.want_masks,
+                                  self._inference.want_features, weights, pixel_weights,
+                                  self._inference.confidence_threshold,
+                                  self._inference.ignore_below)
     counters = self._counters()
     counters["inferred"].inc(len(needed))
     counters["nodata"].inc(len(tiles) - len(needed))
@@ -140,20 +146,37 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
     for i, tile in enumerate(tiles):
       box, valid, slot = boxes[i], valid_own[i], slot_of.get(i)
       y0, y1, x0, x1 = box
-      ids = feature_sum = None
+      ids = feature_sum = qa = class_confidence = confidence = pseudo = None
+      want_maps = self._inference.want_confidence, self._inference.ignore_below is not None
       if slot is None:  # nothing but nodata here: the model is not asked
         if self._inference.want_masks:
           ids = np.full((y1 - y0, x1 - x0), NODATA_CLASS, np.uint8)
+          qa = np.zeros(len(QA_SUMS))
+          class_confidence = np.zeros(self._model_config.num_classes)
+          confidence = np.zeros_like(ids) if want_maps[0] else None
+          pseudo = ids if want_maps[1] else None
         if self._inference.want_features:
           feature_sum = np.zeros(self._model_config.feature_dim, np.float64)
       else:
-        if class_ids is not None:
-          ids = np.array(class_ids[slot, y0:y1, x0:x1])
+        if outputs.class_ids is not None:
+          ids = np.array(outputs.class_ids[slot, y0:y1, x0:x1])
+          qa = outputs.qa_sums[slot]
+          class_confidence = outputs.class_confidence_sums[slot]
+          if want_maps[0]:
+            confidence = np.array(outputs.confidence[slot, y0:y1, x0:x1])
+          if want_maps[1]:
+            pseudo = np.array(outputs.pseudo_labels[slot, y0:y1, x0:x1])
           if valid is not None:
             ids[~valid] = NODATA_CLASS
-        if sums is not None:
-          feature_sum = sums[slot].astype(np.float64)
+            if confidence is not None:
+              confidence[~valid] = 0
+            if pseudo is not None:
+              pseudo[~valid] = NODATA_CLASS
+        if outputs.features is not None:
+          feature_sum = outputs.features[slot].astype(np.float64)
       results.append(TileResult(
           tile.image, tile.spec, class_ids=ids, feature_sum=feature_sum, precision=precision,
-          counted_pixels=None if valid is None else int(np.count_nonzero(valid))))
+          counted_pixels=None if valid is None else int(np.count_nonzero(valid)),
+          qa_sums=qa, class_confidence_sums=class_confidence, confidence=confidence,
+          pseudo_labels=pseudo))
     return results

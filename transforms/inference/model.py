@@ -11,7 +11,8 @@ from typing import Any, Optional
 import numpy as np
 
 from transforms.inference.devices import prepare_devices
-from transforms.inference.head import find_head, model_variables
+from transforms.inference.confidence import IGNORE_VALUE, LOGITS, scores_kind
+from transforms.inference.head import find_head, model_variables, probe_images
 from transforms.inference.precision import FLOAT32, apply_precision
 from transforms.inference.sources import (DEFAULT_CACHE_DIR, STAGING_HELP, ModelLoadError,
                                           resolve_model_dir)
@@ -20,6 +21,17 @@ logger = logging.getLogger(__name__)
 
 FEATURE_STRIDE = 4   # HRNet features are at 1/4 of the input (checked by inspect_model)
 FUSED_FUNCTION = "predict_with_features"  # the stand-ins' one-pass function; hub models lack it
+
+
+@dataclasses.dataclass(frozen=True)
+class TileOutputs:
+  """What one job model call returns for B tiles; None where not asked for."""
+  class_ids: Optional[np.ndarray] = None         # (B, H, W) uint8
+  confidence: Optional[np.ndarray] = None        # (B, H, W) uint8, max probability x 255
+  pseudo_labels: Optional[np.ndarray] = None     # (B, H, W) uint8, IGNORE_VALUE if unsure
+  qa_sums: Optional[np.ndarray] = None           # (B, 4) float64, confidence.QA_SUMS
+  class_confidence_sums: Optional[np.ndarray] = None   # (B, classes) float64
+  features: Optional[np.ndarray] = None          # (B, F) pooled sums
 
 
 class LoadedHRNet:
@@ -52,23 +64,27 @@ class LoadedHRNet:
     self.has_fused_function = fused is not None
     if fused is not None:
       self.single_pass = f"the model's fused function {FUSED_FUNCTION}"
-      def both(images):
+      def scores_and_features(images):
         out = fused(images)
-        return class_ids(out["predictions"]), out["features"]
+        return out["predictions"], out["features"]
     else:
       search = find_head(module, model_variables(module))
       if search.head is not None:
         self.single_pass = search.reason
         head = search.head
-        def both(images):
+        def scores_and_features(images):
           features = module.get_features(images)
-          return class_ids(head(features, tf.shape(images)[1:3])), features
+          return head(features, tf.shape(images)[1:3]), features
       else:
         self.single_pass = None
         logger.warning("Masks and features need two backbone passes per tile with %s: %s",
                        handle, search.reason)
-        def both(images):
-          return class_ids(module.predict(images)), module.get_features(images)
+        def scores_and_features(images):
+          return module.predict(images), module.get_features(images)
+
+    def both(images):
+      scores, features = scores_and_features(images)
+      return class_ids(scores), features
     self._both = tf.function(both, input_signature=spec)
     weights_spec = [tf.TensorSpec([None, None, None, 3], tf.float32),
                     tf.TensorSpec([None, None, None], tf.float32)]
@@ -87,6 +103,72 @@ class LoadedHRNet:
     self._masks = tf.function(lambda images: class_ids(module.predict(images)),
                               input_signature=spec)
     self._features = tf.function(module.get_features, input_signature=spec)
+    self._build_tile_functions(tf, scores_and_features)
+
+  def _build_tile_functions(self, tf, scores_and_features) -> None:
+    """The job's model calls: probabilities (softmax only if predict gives logits), then
+    per pixel the class id, confidence and pseudo-label, and per tile the QA sums over
+    `pixel_weights` and the features pooled by `cell_weights`; only these leave TF."""
+    self.scores_kind = scores_kind(self._module.predict(probe_images()).numpy())
+    softmax = self.scores_kind == LOGITS
+
+    def summaries(scores, pixel_weights, threshold, ignore_below):
+      probabilities = tf.nn.softmax(scores) if softmax else scores
+      classes = tf.shape(probabilities)[-1]
+      top = tf.math.top_k(probabilities, k=2).values
+      confidence, margin = top[..., 0], top[..., 0] - top[..., 1]
+      entropy = -tf.reduce_sum(tf.math.xlogy(probabilities, probabilities), axis=-1) / (
+          tf.math.log(tf.cast(classes, tf.float32)))
+      ids = tf.argmax(probabilities, axis=-1)
+      weights = tf.cast(pixel_weights, tf.float64)
+      per_pixel = tf.cast(tf.stack([confidence, margin, entropy,
+                                    tf.cast(confidence < threshold, tf.float32)], -1),
+                          tf.float64)
+      qa = tf.einsum("bhw,bhwq->bq", weights, per_pixel)
+      class_confidence = tf.einsum("bhw,bhwc->bc", weights * tf.cast(confidence, tf.float64),
+                                   tf.one_hot(ids, classes, dtype=tf.float64))
+      ids = tf.cast(ids, tf.uint8)
+      pseudo = tf.where(confidence < ignore_below, tf.constant(IGNORE_VALUE, tf.uint8), ids)
+      confidence_8bit = tf.cast(tf.round(confidence * 255.0), tf.uint8)
+      return ids, confidence_8bit, pseudo, qa, class_confidence
+
+    def with_features(images, cell_weights, pixel_weights, threshold, ignore_below):
+      scores, features = scores_and_features(images)
+      return (*summaries(scores, pixel_weights, threshold, ignore_below),
+              tf.einsum("bhw,bhwf->bf", cell_weights, features))
+
+    def masks_only(images, pixel_weights, threshold, ignore_below):
+      return summaries(self._module.predict(images), pixel_weights, threshold, ignore_below)
+
+    maps = tf.TensorSpec([None, None, None], tf.float32)
+    scalar = tf.TensorSpec([], tf.float32)
+    images = tf.TensorSpec([None, None, None, 3], tf.float32)
+    self._tiles_with_features = tf.function(
+        with_features, input_signature=[images, maps, maps, scalar, scalar])
+    self._tiles_masks_only = tf.function(masks_only,
+                                         input_signature=[images, maps, scalar, scalar])
+
+  def infer_tiles(self, images: np.ndarray, want_masks: bool, want_features: bool,
+                  cell_weights: np.ndarray, pixel_weights: np.ndarray,
+                  threshold: float = 0.5, ignore_below: float | None = None) -> TileOutputs:
+    """The job's call: (B, H, W, 3) float32 tiles -> TileOutputs. pixel_weights (B, H, W)
+    select the pixels the QA sums count, cell_weights (B, H/4, W/4) pool the features."""
+    if images.dtype != np.float32:
+      raise TypeError(f"images must be float32 in [0, 1], got {images.dtype}")
+    ignore = np.float32(-1.0 if ignore_below is None else ignore_below)
+    threshold = np.float32(threshold)
+    if not want_masks:
+      return TileOutputs(features=self._features_pooled(
+          images, np.asarray(cell_weights, np.float32)).numpy())
+    pixel_weights = np.asarray(pixel_weights, np.float32)
+    if want_features:
+      *maps, features = self._tiles_with_features(
+          images, np.asarray(cell_weights, np.float32), pixel_weights, threshold, ignore)
+      features = features.numpy()
+    else:
+      maps, features = self._tiles_masks_only(images, pixel_weights, threshold, ignore), None
+    ids, confidence, pseudo, qa, class_confidence = (m.numpy() for m in maps)
+    return TileOutputs(ids, confidence, pseudo, qa, class_confidence, features)
 
   def precision(self) -> str:
     """The precision that really runs (a method: shared models are proxies of methods)."""
@@ -177,6 +259,7 @@ class ModelInfo:
   feature_dim: int
   has_fused_function: bool
   local_dir: str
+  scores_kind: str = LOGITS    # what predict returns: probabilities or logits
 
 
 def inspect_model(handle: str, cache_dir: str = DEFAULT_CACHE_DIR,
@@ -196,4 +279,5 @@ def inspect_model(handle: str, cache_dir: str = DEFAULT_CACHE_DIR,
                          "HRNet features are at 1/4 resolution")
   if keep_for_local_worker:
     _PRELOADED[(handle, cache_dir, precision, precision_fallback)] = model
-  return ModelInfo(num_classes, feature_dim, model.has_fused_function, model.local_dir)
+  return ModelInfo(num_classes, feature_dim, model.has_fused_function, model.local_dir,
+                   model.scores_kind)

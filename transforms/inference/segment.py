@@ -12,6 +12,7 @@ from PIL import Image
 
 from transforms.budget import ErrorBudget
 from transforms.config import InferenceConfig, ModelConfig, TilingConfig
+from transforms.inference.confidence import image_qa
 from transforms.inference.handler import HRNetModelHandler
 from transforms.metrics import METRICS_NAMESPACE
 from transforms.progress import ProgressConfig, ProgressReporter
@@ -41,6 +42,7 @@ def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model_handl
   mask_png = class_counts = pooled = None
   counted = sum((p.spec.own_y1 - p.spec.own_y0) * (p.spec.own_x1 - p.spec.own_x0)
                 if p.counted_pixels is None else p.counted_pixels for p in parts)
+  qa = {}
   if inference.want_masks:
     mask = stitch_mask(image.height, image.width, [(p.spec, p.class_ids) for p in parts])
     counts = np.bincount(mask.ravel(), minlength=NODATA_CLASS + 1)
@@ -49,6 +51,15 @@ def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model_handl
                        f" but the model has {num_classes}")
     mask_png = encode_mask_png(mask)
     class_counts = counts[:num_classes].astype(np.int64).tolist()
+    qa = image_qa(np.sum([p.qa_sums for p in parts], axis=0),
+                  np.sum([p.class_confidence_sums for p in parts], axis=0),
+                  counts[:num_classes], counted)
+    if inference.want_confidence:
+      qa["confidence_png"] = encode_mask_png(stitch_mask(
+          image.height, image.width, [(p.spec, p.confidence) for p in parts]))
+    if inference.ignore_below is not None:
+      qa["pseudo_label_png"] = encode_mask_png(stitch_mask(
+          image.height, image.width, [(p.spec, p.pseudo_labels) for p in parts]))
   if inference.want_features and counted:
     total = np.sum([p.feature_sum for p in parts], axis=0)
     pooled = (total / counted).astype(np.float32).tolist()
@@ -61,7 +72,7 @@ def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model_handl
                       crs_epsg=geo.crs_epsg if geo else None,
                       transform=list(geo.transform) if geo else None,
                       block_y=image.block[0] if image.block else None,
-                      block_x=image.block[1] if image.block else None)
+                      block_x=image.block[1] if image.block else None, **qa)
 
 
 class _TileFn(beam.DoFn):

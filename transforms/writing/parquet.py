@@ -10,6 +10,7 @@ import pyarrow as pa
 from apache_beam.io.parquetio import WriteToParquet
 
 from transforms.config import InferenceConfig, ModelConfig, TilingConfig
+from transforms.inference.confidence import IGNORE_VALUE, PROBABILITIES
 from transforms.types import NODATA_CLASS
 
 __all__ = ["WriteSegmentations", "WriteErrors", "segmentation_schema"]
@@ -35,6 +36,13 @@ _FIELDS = [
     pa.field("mask_geotiff", pa.string()),
     pa.field("block_y", pa.int32()),
     pa.field("block_x", pa.int32()),
+    pa.field("mean_confidence", pa.float32()),
+    pa.field("mean_margin", pa.float32()),
+    pa.field("mean_entropy", pa.float32()),
+    pa.field("low_confidence_fraction", pa.float32()),
+    pa.field("class_mean_confidence", pa.list_(pa.float32())),
+    pa.field("confidence_png", pa.binary()),
+    pa.field("pseudo_label_png", pa.binary()),
 ]
 
 
@@ -63,6 +71,25 @@ def segmentation_schema(model: ModelConfig, tiling: TilingConfig,
       "hrnet_beam.nodata_note": f"mask value {NODATA_CLASS} marks nodata pixels (the "
                                 "raster's nodata value, mask or alpha); they are left out "
                                 "of class_counts, pooled_features and valid_pixels",
+      "hrnet_beam.scores": model.scores_kind,
+      "hrnet_beam.scores_note": ("predict returned probabilities (used as they are)"
+                                 if model.scores_kind == PROBABILITIES else
+                                 "predict returned logits: softmax applied where the model "
+                                 "runs"),
+      "hrnet_beam.qa_note": "mean_confidence (max probability), mean_margin (top-1 minus "
+                            "top-2), mean_entropy (divided by log(classes): 0 to 1) and "
+                            "low_confidence_fraction (share below confidence_threshold) "
+                            "over the valid pixels; class_mean_confidence: mean max "
+                            "probability of the pixels of each class, null if absent",
+      "hrnet_beam.confidence_threshold": str(inference.confidence_threshold),
+      "hrnet_beam.confidence_encoding": "confidence_png: PNG, 8-bit, round(max probability "
+                                        "x 255); nodata pixels 0",
+      "hrnet_beam.ignore_below": "" if inference.ignore_below is None else str(
+          inference.ignore_below),
+      "hrnet_beam.ignore_value": str(IGNORE_VALUE),
+      "hrnet_beam.pseudo_label_note": f"pseudo_label_png: the mask with {IGNORE_VALUE} where "
+                                      "the max probability is below ignore_below; nodata "
+                                      f"stays {NODATA_CLASS}",
       "hrnet_beam.transform_order": "a,b,c,d,e,f (rasterio/affine): x = a*col + b*row + c, "
                                     "y = d*col + e*row + f, at pixel corners",
   }
