@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from transforms.augmentation import Augmentation
 from transforms.labels import LabelSet
 
 OUTPUT_MASKS = "masks"
@@ -60,6 +61,7 @@ class InferenceConfig:
   inter_op_threads: int = 0
   confidence_threshold: float = 0.5     # pixels below it count in low_confidence_fraction
   ignore_below: float | None = None     # pseudo-label masks: IGNORE_VALUE below this
+  augmentation: Augmentation = Augmentation()   # test-time augmentation (--tta)
 
   @property
   def want_masks(self) -> bool:

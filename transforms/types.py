@@ -135,6 +135,7 @@ class Segmentation:
   class_mean_confidence: Optional[list] = None  # per class; None where a class is absent
   confidence_png: Optional[bytes] = None        # max probability x 255 (--outputs confidence)
   pseudo_label_png: Optional[bytes] = None      # mask with IGNORE_VALUE (--ignore_below)
+  augmentation: str = "none"                    # test-time augmentation (Augmentation.describe)
 
 
 @dataclasses.dataclass(frozen=True)

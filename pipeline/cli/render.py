@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import os
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -51,7 +52,17 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: list, names: list,
   return canvas
 
 
-def render(prefix: str, out_dir: str, alpha: float = 0.45) -> list:
+def confidence_overlay(image: np.ndarray, confidence: np.ndarray) -> Image.Image:
+  """The image with its unsure pixels in red: the lower the confidence, the redder."""
+  if image.dtype == np.uint16:
+    image = (image // 257).astype(np.uint8)
+  doubt = (1.0 - confidence.astype(np.float32) / 255.0)[..., None]
+  red = np.array([255, 0, 0], np.float32)
+  grey = image.astype(np.float32).mean(-1, keepdims=True).repeat(3, -1) * 0.6
+  return Image.fromarray(np.clip(grey * (1 - doubt) + red * doubt, 0, 255).astype(np.uint8))
+
+
+def render(prefix: str, out_dir: str, alpha: float = 0.45, confidence: bool = False) -> list:
   files = [m.path for m in FileSystems.match([f"{prefix}-*-of-*.parquet"])[0].metadata_list]
   if not files:
     raise FileNotFoundError(f"no Parquet files at {prefix}-*-of-*.parquet")
@@ -73,6 +84,14 @@ def render(prefix: str, out_dir: str, alpha: float = 0.45) -> list:
       path = os.path.join(out_dir, f"{name}.overlay.png")
       overlay(image, mask, palette, names, alpha).save(path)
       written.append(path)
+      if confidence:
+        if row.get("confidence_png") is None:
+          raise ValueError(f"{file} has no confidence_png: run the job with --outputs "
+                           "masks,confidence")
+        path = os.path.join(out_dir, f"{name}.confidence.png")
+        confidence_overlay(image, np.asarray(Image.open(io.BytesIO(
+            row["confidence_png"])))).save(path)
+        written.append(path)
   return written
 
 
@@ -82,9 +101,16 @@ def main(argv=None, prog: str | None = None) -> int:
   parser.add_argument("--out", default=None, help="Directory for the overlays; default "
                                                   "<dirname of OUTPUT>/overlays.")
   parser.add_argument("--alpha", type=float, default=0.45)
+  parser.add_argument("--confidence", action="store_true",
+                      help="Also write <name>.confidence.png: the image in grey with unsure "
+                           "pixels in red (needs a job run with --outputs masks,confidence).")
   args = parser.parse_args(argv)
   out_dir = args.out or os.path.join(os.path.dirname(args.output) or ".", "overlays")
-  paths = render(args.output, out_dir, args.alpha)
+  try:
+    paths = render(args.output, out_dir, args.alpha, args.confidence)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(f"Wrote {len(paths)} overlays to {out_dir}:")
   for path in paths:
     print(f"  {path}")

@@ -27,6 +27,11 @@ def main(argv=None, prog: str | None = None) -> int:
   print(f"Parquet output: {', '.join(files)}")
   print(f"model: {metadata.get(b'hrnet_beam.model', b'?').decode()}  "
         f"feature_dim: {metadata.get(b'hrnet_beam.feature_dim', b'?').decode()}")
+  threshold = metadata.get(b"hrnet_beam.confidence_threshold", b"?").decode()
+  scores = metadata.get(b"hrnet_beam.scores", b"").decode()
+  if scores:
+    print(f"scores: {scores}  augmentation: "
+          f"{metadata.get(b'hrnet_beam.augmentation', b'none').decode()}")
   note = metadata.get(b"hrnet_beam.labels_note", b"").decode()
   if note:
     print(f"labels: {note}")
@@ -42,6 +47,12 @@ def main(argv=None, prog: str | None = None) -> int:
         line += f", mask {mask.shape[1]}x{mask.shape[0]}, most pixels: {share}"
       if row["pooled_features"] is not None:
         line += f", {len(row['pooled_features'])} pooled features"
+      if row.get("mean_confidence") is not None:
+        line += (f"\n    QA: confidence {row['mean_confidence']:.3f}, margin "
+                 f"{row['mean_margin']:.3f}, entropy {row['mean_entropy']:.3f}, "
+                 f"{row['low_confidence_fraction']:.1%} below {threshold}; by class: " +
+                 ", ".join(f"{names[i] if i < len(names) else i} {c:.2f}"
+                           for i, c in enumerate(row["class_mean_confidence"]) if c is not None))
       print(line)
   errors_prefix = args.errors or f"{args.output}-errors"
   for file in sorted(glob.glob(f"{errors_prefix}-*.jsonl")):

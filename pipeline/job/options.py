@@ -18,6 +18,7 @@ from pipeline.job.progress import ProgressTotal
 from transforms import labels as labels_lib
 from transforms.config import (OUTPUT_CONFIDENCE, OUTPUT_FEATURES, OUTPUT_MASKS,
                                DecodeConfig, InferenceConfig, ModelConfig, TilingConfig)
+from transforms.augmentation import parse as parse_augmentation
 from transforms.inference.confidence import MAX_CLASSES_WITH_IGNORE
 from transforms.inference.model import inspect_model
 from transforms.progress import ProgressConfig
@@ -123,6 +124,12 @@ class HRNetOptions(PipelineOptions):
         "--model_cache_dir", default=DEFAULT_CACHE_DIR,
         help="Where workers copy a gs:// model before loading it (once per machine).")
 
+    groups["model"].add_argument(
+        "--tta", default="none",
+        help="Test-time augmentation: 'flip' averages the probabilities of each tile and "
+             "its horizontal mirror; 'scales=0.75,1.0,1.25' adds passes on the tile resized "
+             "(the tile as it is always counts); 'flip,scales=...' both. Passes multiply the "
+             "model's work. Recorded in each row.")
     groups["model"].add_argument(
         "--precision", default=FLOAT32, choices=PRECISIONS,
         help="Run the float32 model at lower precision through TensorFlow's graph "
@@ -458,6 +465,12 @@ def job_config_from_options(options: HRNetOptions,
                       "in [0, 1), e.g. 0.05")
   tiling = _check_tiling(options.tile_size, options.tile_overlap)
   outputs = _parse_outputs(options.outputs)
+  try:
+    augmentation = parse_augmentation(options.tta)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if augmentation.passes > 1 and OUTPUT_MASKS not in outputs:
+    raise ConfigError("--tta changes masks only: add 'masks' to --outputs")
   _fraction("confidence_threshold", options.confidence_threshold)
   _fraction("ignore_below", options.ignore_below)
   if options.ignore_below is not None and OUTPUT_MASKS not in outputs:
@@ -516,7 +529,7 @@ def job_config_from_options(options: HRNetOptions,
       model_copies=options.model_copies, max_error_fraction=options.max_error_fraction,
       require_gpu=_asks_for_gpu(options), intra_op_threads=threads[0],
       inter_op_threads=threads[1], confidence_threshold=options.confidence_threshold,
-      ignore_below=options.ignore_below)
+      ignore_below=options.ignore_below, augmentation=augmentation)
   return JobConfig(
       input_patterns=tuple(options.input), output=rows_prefix, errors_output=errors_prefix,
       decode=decode,

@@ -130,3 +130,71 @@ def test_confidence_needs_masks_and_ignore_below_a_probability(pixel_local_model
     run_job(*common, "--ignore_below", 1.5)
   with pytest.raises(ConfigError, match="--ignore_below needs masks"):
     run_job(*common, "--outputs", "features", "--ignore_below", 0.5)
+
+
+def test_tta_flags_parse_and_read_back():
+  from transforms.augmentation import Augmentation, parse  # pylint: disable=import-outside-toplevel
+  assert parse("flip") == Augmentation(True, (1.0,))
+  assert parse("flip,scales=1.25,0.75") == Augmentation(True, (0.75, 1.0, 1.25))
+  assert parse("scales=0.5").passes == 2 and parse("flip,scales=0.5,2").passes == 6
+  for text in ("flip", "scales=0.75,1,1.25", "flip,scales=0.5,1"):
+    assert parse(parse(text).describe()) == parse(text)
+  for bad in ("flop", "scales=x", "scales=0", "flip,scales=9"):
+    with pytest.raises(ValueError, match="--tta"):
+      parse(bad)
+
+
+def test_flip_tta_on_a_mirror_symmetric_input_equals_no_tta(pixel_local_model, tmp_path):
+  half = textured_image(96, 64, 11)
+  path = save_image(tmp_path / "sym.png", np.concatenate([half, half[:, ::-1]], axis=1))
+  rows = {}
+  for tta in ("none", "flip"):
+    run_job("--input", path, "--output", tmp_path / tta / "rows", "--model",
+            pixel_local_model, "--tile_size", 128, "--tile_overlap", 0, "--tta", tta,
+            "--outputs", "masks,features,confidence")
+    rows[tta] = next(iter(read_rows(tmp_path / tta / "rows").values()))
+  assert rows["flip"]["augmentation"] == "flip" and rows["none"]["augmentation"] == "none"
+  for column in ("mask_png", "confidence_png", "pooled_features", *QA_COLUMNS):
+    assert rows["flip"][column] == rows["none"][column], column
+
+
+def test_multi_scale_tta_changes_masks_and_stays_deterministic(tiny_model, tmp_path):
+  path = save_image(tmp_path / "a.png", textured_image(160, 200, 12))
+  rows = []
+  for run in range(2):
+    out = tmp_path / f"run{run}" / "rows"
+    run_job("--input", path, "--output", out, "--model", tiny_model, "--tile_size", 128,
+            "--tile_overlap", 32, "--tta", "flip,scales=0.75,1.25")
+    rows.append(next(iter(read_rows(out).values())))
+  plain = tmp_path / "plain" / "rows"
+  run_job("--input", path, "--output", plain, "--model", tiny_model, "--tile_size", 128,
+          "--tile_overlap", 32)
+  plain_row = next(iter(read_rows(plain).values()))
+  assert rows[0]["augmentation"] == "flip,scales=0.75,1,1.25"
+  assert rows[0]["mask_png"] == rows[1]["mask_png"]
+  assert rows[0]["pooled_features"] == rows[1]["pooled_features"]
+  assert rows[0]["mean_confidence"] == rows[1]["mean_confidence"]
+  assert rows[0]["mask_png"] != plain_row["mask_png"]
+  # Features come from the tile as it is: the same as without augmentation.
+  np.testing.assert_allclose(rows[0]["pooled_features"], plain_row["pooled_features"],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_confidence_is_the_second_band_of_mask_cogs_and_renders(pixel_local_model, tmp_path):
+  import rasterio  # pylint: disable=import-outside-toplevel
+  from pipeline.cli.render import render  # pylint: disable=import-outside-toplevel
+  path = write_geotiff(tmp_path / "g.tif", textured_image(80, 120, 5))
+  out = tmp_path / "rows"
+  run_job("--input", path, "--output", out, "--model", pixel_local_model, "--outputs",
+          "masks,confidence", "--mask_geotiff_dir", tmp_path / "cogs")
+  row = next(iter(read_rows(out).values()))
+  with rasterio.open(row["mask_geotiff"]) as cog:
+    assert cog.count == 2 and cog.descriptions[1].startswith("confidence")
+    assert np.array_equal(cog.read(1), row["mask"])
+    assert np.array_equal(cog.read(2), np.minimum(_png(row["confidence_png"]), 254))
+  written = render(str(out), str(tmp_path / "overlays"), confidence=True)
+  picture = np.asarray(Image.open([w for w in written if w.endswith(".confidence.png")][0]))
+  assert picture.shape == (80, 120, 3)
+  with pytest.raises(ValueError, match="--outputs masks,confidence"):
+    run_job("--input", path, "--output", tmp_path / "plain", "--model", pixel_local_model)
+    render(str(tmp_path / "plain"), str(tmp_path / "o2"), confidence=True)

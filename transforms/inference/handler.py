@@ -136,7 +136,8 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
       outputs = model.infer_tiles(images, self._inference.want_masks,
                                   self._inference.want_features, weights, pixel_weights,
                                   self._inference.confidence_threshold,
-                                  self._inference.ignore_below)
+                                  self._inference.ignore_below,
+                                  self._inference.augmentation)
     counters = self._counters()
     counters["inferred"].inc(len(needed))
     counters["nodata"].inc(len(tiles) - len(needed))

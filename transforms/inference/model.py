@@ -11,6 +11,7 @@ from typing import Any, Optional
 import numpy as np
 
 from transforms.inference.devices import prepare_devices
+from transforms.augmentation import Augmentation, scaled_side
 from transforms.inference.confidence import IGNORE_VALUE, LOGITS, scores_kind
 from transforms.inference.head import find_head, model_variables, probe_images
 from transforms.inference.precision import FLOAT32, apply_precision
@@ -106,14 +107,52 @@ class LoadedHRNet:
     self._build_tile_functions(tf, scores_and_features)
 
   def _build_tile_functions(self, tf, scores_and_features) -> None:
-    """The job's model calls: probabilities (softmax only if predict gives logits), then
-    per pixel the class id, confidence and pseudo-label, and per tile the QA sums over
-    `pixel_weights` and the features pooled by `cell_weights`; only these leave TF."""
+    """The job's model calls: probabilities (softmax only if predict gives logits, averaged
+    over the test-time augmentation's passes), then per pixel the class id, confidence and
+    pseudo-label, and per tile the QA sums over `pixel_weights` and the features pooled by
+    `cell_weights`; only these leave TF. One traced function per augmentation and need."""
     self.scores_kind = scores_kind(self._module.predict(probe_images()).numpy())
     softmax = self.scores_kind == LOGITS
+    self._scores_and_features = scores_and_features
+    self._softmax = softmax
+    self._tile_functions = {}
 
-    def summaries(scores, pixel_weights, threshold, ignore_below):
-      probabilities = tf.nn.softmax(scores) if softmax else scores
+  def _tile_function(self, augmentation: Augmentation, want_features: bool):
+    key = (augmentation, want_features)
+    if key in self._tile_functions:
+      return self._tile_functions[key]
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    module, softmax = self._module, self._softmax
+    scores_and_features = self._scores_and_features
+
+    def probabilities_of(scores):
+      return tf.nn.softmax(scores) if softmax else scores
+
+    def averaged(images):
+      """Mean probabilities over the passes, and the features of the tile as it is."""
+      size = tf.shape(images)[1:3]
+      height, width = images.shape[1], images.shape[2]
+      total, features = None, None
+      for scale in augmentation.scales:
+        scaled = images
+        if scale != 1.0:
+          scaled = tf.image.resize(images, (scaled_side(height, scale),
+                                            scaled_side(width, scale)), "bilinear")
+        for flipped in ((False, True) if augmentation.flip else (False,)):
+          batch = tf.reverse(scaled, axis=[2]) if flipped else scaled
+          if want_features and scale == 1.0 and not flipped:
+            scores, features = scores_and_features(batch)
+          else:
+            scores = module.predict(batch)
+          probabilities = probabilities_of(scores)
+          if flipped:
+            probabilities = tf.reverse(probabilities, axis=[2])
+          if scale != 1.0:
+            probabilities = tf.image.resize(probabilities, size, "bilinear")
+          total = probabilities if total is None else total + probabilities
+      return total / float(augmentation.passes), features
+
+    def summaries(probabilities, pixel_weights, threshold, ignore_below):
       classes = tf.shape(probabilities)[-1]
       top = tf.math.top_k(probabilities, k=2).values
       confidence, margin = top[..., 0], top[..., 0] - top[..., 1]
@@ -132,41 +171,43 @@ class LoadedHRNet:
       confidence_8bit = tf.cast(tf.round(confidence * 255.0), tf.uint8)
       return ids, confidence_8bit, pseudo, qa, class_confidence
 
-    def with_features(images, cell_weights, pixel_weights, threshold, ignore_below):
-      scores, features = scores_and_features(images)
-      return (*summaries(scores, pixel_weights, threshold, ignore_below),
-              tf.einsum("bhw,bhwf->bf", cell_weights, features))
-
-    def masks_only(images, pixel_weights, threshold, ignore_below):
-      return summaries(self._module.predict(images), pixel_weights, threshold, ignore_below)
-
-    maps = tf.TensorSpec([None, None, None], tf.float32)
-    scalar = tf.TensorSpec([], tf.float32)
-    images = tf.TensorSpec([None, None, None, 3], tf.float32)
-    self._tiles_with_features = tf.function(
-        with_features, input_signature=[images, maps, maps, scalar, scalar])
-    self._tiles_masks_only = tf.function(masks_only,
-                                         input_signature=[images, maps, scalar, scalar])
+    # Traced per input shape: the job calls at one fixed shape, and the passes' sizes
+    # are computed from the static tile side.
+    if want_features:
+      def with_features(images, cell_weights, pixel_weights, threshold, ignore_below):
+        probabilities, features = averaged(images)
+        return (*summaries(probabilities, pixel_weights, threshold, ignore_below),
+                tf.einsum("bhw,bhwf->bf", cell_weights, features))
+      function = tf.function(with_features, reduce_retracing=True)
+    else:
+      def masks_only(images, pixel_weights, threshold, ignore_below):
+        return summaries(averaged(images)[0], pixel_weights, threshold, ignore_below)
+      function = tf.function(masks_only, reduce_retracing=True)
+    self._tile_functions[key] = function
+    return function
 
   def infer_tiles(self, images: np.ndarray, want_masks: bool, want_features: bool,
                   cell_weights: np.ndarray, pixel_weights: np.ndarray,
-                  threshold: float = 0.5, ignore_below: float | None = None) -> TileOutputs:
+                  threshold: float = 0.5, ignore_below: float | None = None,
+                  augmentation: Augmentation = Augmentation()) -> TileOutputs:
     """The job's call: (B, H, W, 3) float32 tiles -> TileOutputs. pixel_weights (B, H, W)
     select the pixels the QA sums count, cell_weights (B, H/4, W/4) pool the features."""
     if images.dtype != np.float32:
       raise TypeError(f"images must be float32 in [0, 1], got {images.dtype}")
-    ignore = np.float32(-1.0 if ignore_below is None else ignore_below)
-    threshold = np.float32(threshold)
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    ignore = tf.constant(-1.0 if ignore_below is None else ignore_below, tf.float32)
+    threshold = tf.constant(threshold, tf.float32)
     if not want_masks:
       return TileOutputs(features=self._features_pooled(
           images, np.asarray(cell_weights, np.float32)).numpy())
     pixel_weights = np.asarray(pixel_weights, np.float32)
+    function = self._tile_function(augmentation, want_features)
     if want_features:
-      *maps, features = self._tiles_with_features(
-          images, np.asarray(cell_weights, np.float32), pixel_weights, threshold, ignore)
+      *maps, features = function(images, np.asarray(cell_weights, np.float32), pixel_weights,
+                                 threshold, ignore)
       features = features.numpy()
     else:
-      maps, features = self._tiles_masks_only(images, pixel_weights, threshold, ignore), None
+      maps, features = function(images, pixel_weights, threshold, ignore), None
     ids, confidence, pseudo, qa, class_confidence = (m.numpy() for m in maps)
     return TileOutputs(ids, confidence, pseudo, qa, class_confidence, features)
 

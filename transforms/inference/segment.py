@@ -42,7 +42,7 @@ def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model_handl
   mask_png = class_counts = pooled = None
   counted = sum((p.spec.own_y1 - p.spec.own_y0) * (p.spec.own_x1 - p.spec.own_x0)
                 if p.counted_pixels is None else p.counted_pixels for p in parts)
-  qa = {}
+  qa = {"augmentation": inference.augmentation.describe()}
   if inference.want_masks:
     mask = stitch_mask(image.height, image.width, [(p.spec, p.class_ids) for p in parts])
     counts = np.bincount(mask.ravel(), minlength=NODATA_CLASS + 1)
@@ -51,9 +51,9 @@ def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model_handl
                        f" but the model has {num_classes}")
     mask_png = encode_mask_png(mask)
     class_counts = counts[:num_classes].astype(np.int64).tolist()
-    qa = image_qa(np.sum([p.qa_sums for p in parts], axis=0),
-                  np.sum([p.class_confidence_sums for p in parts], axis=0),
-                  counts[:num_classes], counted)
+    qa.update(image_qa(np.sum([p.qa_sums for p in parts], axis=0),
+                       np.sum([p.class_confidence_sums for p in parts], axis=0),
+                       counts[:num_classes], counted))
     if inference.want_confidence:
       qa["confidence_png"] = encode_mask_png(stitch_mask(
           image.height, image.width, [(p.spec, p.confidence) for p in parts]))

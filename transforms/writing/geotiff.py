@@ -20,9 +20,11 @@ __all__ = ["WriteMaskGeoTiffs"]
 logger = logging.getLogger(__name__)
 
 
-def mask_geotiff_bytes(mask: np.ndarray, geo: GeoReference, palette: list) -> bytes:
+def mask_geotiff_bytes(mask: np.ndarray, geo: GeoReference, palette: list,
+                       confidence: np.ndarray | None = None) -> bytes:
   """A Cloud-Optimized GeoTIFF of class ids with the source's georeferencing, the class
-  palette as its colour map and NODATA_CLASS as nodata, so GIS tools show it on the map."""
+  palette as its colour map and NODATA_CLASS as nodata, so GIS tools show it on the map.
+  With `confidence` (uint8, max probability x 255) it is the second band."""
   # pylint: disable=import-outside-toplevel
   from affine import Affine
   from rasterio.crs import CRS
@@ -31,11 +33,20 @@ def mask_geotiff_bytes(mask: np.ndarray, geo: GeoReference, palette: list) -> by
   colormap = {i: (*map(int, colour), 255) for i, colour in enumerate(palette)}
   colormap[NODATA_CLASS] = (0, 0, 0, 0)
   with MemoryFile() as memory:
-    with memory.open(driver="COG", width=mask.shape[1], height=mask.shape[0], count=1,
-                     dtype="uint8", crs=crs, transform=Affine(*geo.transform),
-                     nodata=NODATA_CLASS, compress="deflate") as dataset:
+    with memory.open(driver="COG", width=mask.shape[1], height=mask.shape[0],
+                     count=1 if confidence is None else 2, dtype="uint8", crs=crs,
+                     transform=Affine(*geo.transform), nodata=NODATA_CLASS,
+                     compress="deflate") as dataset:
       dataset.write(mask, 1)
-      dataset.write_colormap(1, colormap)
+      dataset.set_band_description(1, "class id")
+      if confidence is None:
+        dataset.write_colormap(1, colormap)
+      else:
+        # A palette needs a single-band file: with two bands, class colours are in the
+        # Parquet metadata (palette) instead.
+        dataset.write(np.where(mask == NODATA_CLASS, NODATA_CLASS,
+                               np.minimum(confidence, NODATA_CLASS - 1)).astype(np.uint8), 2)
+        dataset.set_band_description(2, "confidence: max probability x 255 (254 = 254 or 255)")
     return memory.read()
 
 
@@ -68,8 +79,11 @@ class _MaskGeoTiffFn(beam.DoFn):
     path = f"{self._directory}/{mask_geotiff_name(row.image_id, row.source)}"
     try:
       mask = np.asarray(Image.open(io.BytesIO(row.mask_png)))
+      confidence = (None if row.confidence_png is None else
+                    np.asarray(Image.open(io.BytesIO(row.confidence_png))))
       data = mask_geotiff_bytes(mask, GeoReference(row.crs_wkt, row.crs_epsg,
-                                                   tuple(row.transform)), self._palette)
+                                                   tuple(row.transform)), self._palette,
+                                confidence)
       with FileSystems.create(path, mime_type="image/tiff",
                               compression_type=CompressionTypes.UNCOMPRESSED) as f:
         f.write(data)

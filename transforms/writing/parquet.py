@@ -43,6 +43,7 @@ _FIELDS = [
     pa.field("class_mean_confidence", pa.list_(pa.float32())),
     pa.field("confidence_png", pa.binary()),
     pa.field("pseudo_label_png", pa.binary()),
+    pa.field("augmentation", pa.string(), nullable=False),
 ]
 
 
@@ -90,6 +91,11 @@ def segmentation_schema(model: ModelConfig, tiling: TilingConfig,
       "hrnet_beam.pseudo_label_note": f"pseudo_label_png: the mask with {IGNORE_VALUE} where "
                                       "the max probability is below ignore_below; nodata "
                                       f"stays {NODATA_CLASS}",
+      "hrnet_beam.augmentation": inference.augmentation.describe(),
+      "hrnet_beam.augmentation_note": "masks, confidence and QA come from the probabilities "
+                                      "averaged over the passes (each resized back to the "
+                                      "tile, mirrors mirrored back); pooled_features from "
+                                      "the tile as it is (scale 1, not mirrored)",
       "hrnet_beam.transform_order": "a,b,c,d,e,f (rasterio/affine): x = a*col + b*row + c, "
                                     "y = d*col + e*row + f, at pixel corners",
   }
