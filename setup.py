@@ -30,5 +30,6 @@ setuptools.setup(
     install_requires=REQUIRED,
     entry_points={"console_scripts": ["hrnet-beam = pipeline.cli:main"]},
     extras_require={"test": ["pytest==9.2.0", "hypothesis==6.170.15",
-                             "gcp-storage-emulator==2026.7.19", "pandas==3.1.1"]},
+                             "gcp-storage-emulator==2026.7.19", "pandas==3.1.1",
+                             "duckdb==1.5.5"]},
 )

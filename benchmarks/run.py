@@ -8,7 +8,8 @@ on the same inputs, each mode in its own process (so peak RSS is its own):
   model batch size tried;
 - pipeline: this project end to end on the local runner, files to Parquet;
 - naive: hub.load, then per image predict and get_features on the whole image, and
-  pandas.DataFrame.to_parquet.
+  pandas.DataFrame.to_parquet;
+- pipeline_tta_flip: the pipeline with --tta flip (two model passes per tile).
 With --precisions bfloat16 (the default) or float16, limit and pipeline run again at that
 precision where the hardware has it, beside float32, with the agreement measured by
 hrnet-beam compare-precision; where it lacks it, the report says why instead.
@@ -27,6 +28,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 TILE, OVERLAP = 512, 64
+MODES = ("limit", "pipeline", "naive", "pipeline_tta_flip")
 
 
 def _peak_rss_bytes() -> int:
@@ -91,14 +93,16 @@ def mode_limit(model: str, images: list, precision: str = "float32") -> dict:
   return {**best, "tiles": len(stack), "images": len(images)}
 
 
-def mode_pipeline(model: str, images: list, workdir: str, precision: str = "float32") -> dict:
+def mode_pipeline(model: str, images: list, workdir: str, precision: str = "float32",
+                  tta: str = "none") -> dict:
   from pipeline.job import run  # pylint: disable=import-outside-toplevel
   directory = os.path.dirname(images[0])
   started = time.perf_counter()
   summary = run(["--input", os.path.join(directory, "*.png"), "--output",
-                 os.path.join(workdir, "pipeline-out", "rows"), "--model", model,
+                 os.path.join(workdir, f"pipeline-out-{tta}", "rows"), "--model", model,
                  "--tile_size", str(TILE), "--tile_overlap", str(OVERLAP),
-                 "--precision", precision, "--precision_fallback", "fail"])
+                 "--precision", precision, "--precision_fallback", "fail", "--tta", tta,
+                 "--progress", "off"])
   seconds = time.perf_counter() - started
   assert summary.rows == len(images), summary
   return {"seconds": seconds, "tiles": summary.metrics["tiles"], "images": summary.rows}
@@ -183,7 +187,7 @@ def main(argv=None) -> int:
                                                         "hrnet-beam-bench"))
   parser.add_argument("--precisions", default="bfloat16",
                       help="Comma-separated precisions measured beside float32 ('' for none)")
-  parser.add_argument("--mode", choices=("limit", "pipeline", "naive"), default=None,
+  parser.add_argument("--mode", choices=MODES, default=None,
                       help=argparse.SUPPRESS)  # one measurement, in a child process
   parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -194,11 +198,13 @@ def main(argv=None) -> int:
   if args.mode:
     result = {"limit": lambda: mode_limit(model, images, args.precision),
               "pipeline": lambda: mode_pipeline(model, images, args.workdir, args.precision),
-              "naive": lambda: mode_naive(model, images, args.workdir)}[args.mode]()
+              "naive": lambda: mode_naive(model, images, args.workdir),
+              "pipeline_tta_flip": lambda: mode_pipeline(model, images, args.workdir,
+                                                         args.precision, "flip")}[args.mode]()
     result["peak_rss_bytes"] = _peak_rss_bytes()
     print(json.dumps(result))
     return 0
-  results = {mode: _run_mode(mode, args) for mode in ("limit", "pipeline", "naive")}
+  results = {mode: _run_mode(mode, args) for mode in MODES}
   for result in results.values():
     result["images_per_s"] = result["images"] / result["seconds"]
     if "tiles" in result:
@@ -213,6 +219,9 @@ def main(argv=None) -> int:
       "pipeline_over_naive": results["pipeline"]["images_per_s"] /
                              results["naive"]["images_per_s"],
       "pipeline_peak_rss_bytes": results["pipeline"]["peak_rss_bytes"],
+      # Two model passes per tile: the cost of --tta flip against no augmentation.
+      "tta_flip_over_pipeline": results["pipeline_tta_flip"]["tiles_per_s"] /
+                                results["pipeline"]["tiles_per_s"],
   }
   print(f"{'mode':10}{'seconds':>10}{'tiles/s':>10}{'images/s':>10}{'peak RSS':>12}")
   for mode, result in results.items():
@@ -220,7 +229,8 @@ def main(argv=None) -> int:
     print(f"{mode:10}{result['seconds']:>10.1f}{tiles:>10}{result['images_per_s']:>10.2f}"
           f"{result['peak_rss_bytes'] / 2**30:>10.2f} GiB")
   print(f"pipeline/limit (tiles/s): {report['pipeline_over_limit']:.2f}   "
-        f"pipeline/naive (images/s): {report['pipeline_over_naive']:.2f}")
+        f"pipeline/naive (images/s): {report['pipeline_over_naive']:.2f}   "
+        f"--tta flip/pipeline: {report['tta_flip_over_pipeline']:.2f}")
   report["precisions"] = _precisions(args, model, images, results)
   with open(args.report, "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
