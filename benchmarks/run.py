@@ -191,6 +191,9 @@ def main(argv=None) -> int:
                       help=argparse.SUPPRESS)  # one measurement, in a child process
   parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if not args.mode:   # the children's stderr goes through the parent's filter
+    from pipeline.cli import console  # pylint: disable=import-outside-toplevel
+    console.setup("warning")
   images = _images(os.path.join(args.workdir, "images-quick" if args.quick else
                                 f"images-{args.count}-{args.big}"),
                    args.quick, args.count, args.big)

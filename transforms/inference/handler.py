@@ -137,7 +137,8 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
                                   self._inference.want_features, weights, pixel_weights,
                                   self._inference.confidence_threshold,
                                   self._inference.ignore_below,
-                                  self._inference.augmentation)
+                                  self._inference.augmentation,
+                                  self._inference.want_confidence)
     counters = self._counters()
     counters["inferred"].inc(len(needed))
     counters["nodata"].inc(len(tiles) - len(needed))
