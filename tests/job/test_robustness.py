@@ -188,6 +188,9 @@ def test_rows_are_identical_across_runs_batch_sizes_and_worker_counts(tiny_model
       assert row["mask_png"] == reference[image_id]["mask_png"], (name, image_id)
       assert row["class_counts"] == reference[image_id]["class_counts"]
       assert row["pooled_features"] == reference[image_id]["pooled_features"], (name, image_id)
+      for column in ("mean_confidence", "mean_margin", "mean_entropy",
+                     "low_confidence_fraction", "class_mean_confidence"):
+        assert row[column] == reference[image_id][column], (name, image_id, column)
 
 
 def test_rerun_with_skip_existing_completes_the_set_exactly_once(pixel_local_model, tmp_path):
