@@ -196,6 +196,7 @@ def _wait_showing_progress(result, cfg: JobConfig) -> None:
   while True:
     state = result.wait_until_finish(duration=interval_ms)
     if state is not None and PipelineState.is_terminal(state):
+      result.wait_until_finish()   # raises as usual if the job failed
       return
     try:
       counts = _metric_counts(_counter_values(result))
