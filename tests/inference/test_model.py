@@ -157,9 +157,18 @@ def test_fused_model_runs_the_backbone_once_for_both_outputs(tiny_model):
   names = ["predict", "get_features", hrnet.FUSED_FUNCTION]
   module = CountingModule(tf.saved_model.load(tiny_model), names)
   loaded = LoadedHRNet(module, "tiny", tiny_model)
+  # At load, one predict on a probe image tells probabilities from logits.
+  assert module.calls == {"predict": 1, "get_features": 0, hrnet.FUSED_FUNCTION: 0}
+  assert loaded.scores_kind == "logits"
+  module.calls = dict.fromkeys(names, 0)
   images = np.random.default_rng(0).random((2, 64, 96, 3)).astype(np.float32)
   ids, features = loaded.infer(images, True, True)
   assert module.calls == {"predict": 0, "get_features": 0, hrnet.FUSED_FUNCTION: 1}
+  # The job's call (QA, pooled features) is one backbone pass too.
+  outputs = loaded.infer_tiles(images, True, True, np.ones((2, 16, 24), np.float32),
+                               np.ones((2, 64, 96), np.float32))
+  assert module.calls == {"predict": 0, "get_features": 0, hrnet.FUSED_FUNCTION: 2}
+  np.testing.assert_array_equal(outputs.class_ids, ids)
   assert ids.shape == (2, 64, 96) and ids.dtype == np.uint8
   assert features.shape == (2, 16, 24, 15 * TINY_WIDTH)
   reference = tf.saved_model.load(tiny_model)
