@@ -9,7 +9,6 @@ import colorsys
 import dataclasses
 import json
 import os
-import re
 from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
@@ -111,16 +110,3 @@ def labels_for_handle(handle: str) -> Optional[LabelSet]:
     if data.get("handle", "").rstrip("/") == handle.rstrip("/"):
       return parse_labels(data, path)
   return None
-
-
-def field_names(class_names) -> list:
-  """Class names as column or struct field names: letters, digits and '_' only, unique
-  (a repeated name gets its class index appended), never empty."""
-  names, seen = [], set()
-  for index, name in enumerate(class_names):
-    field = re.sub(r"[^A-Za-z0-9_]+", "_", str(name)).strip("_") or f"class_{index}"
-    if field in seen:
-      field = f"{field}_{index}"
-    seen.add(field)
-    names.append(field)
-  return names

@@ -136,7 +136,6 @@ class Segmentation:
   confidence_png: Optional[bytes] = None        # max probability x 255 (--outputs confidence)
   pseudo_label_png: Optional[bytes] = None      # mask with IGNORE_VALUE (--ignore_below)
   augmentation: str = "none"                    # test-time augmentation (Augmentation.describe)
-  class_fractions: Optional[dict] = None        # class field name -> share of valid pixels
 
 
 @dataclasses.dataclass(frozen=True)

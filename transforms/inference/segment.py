@@ -13,7 +13,6 @@ from PIL import Image
 from transforms.budget import ErrorBudget
 from transforms.config import InferenceConfig, ModelConfig, TilingConfig
 from transforms.inference.confidence import image_qa
-from transforms.labels import field_names
 from transforms.inference.handler import HRNetModelHandler
 from transforms.metrics import METRICS_NAMESPACE
 from transforms.progress import ProgressConfig, ProgressReporter
@@ -38,10 +37,8 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
 
 
 def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model_handle: str,
-                          num_classes: int, inference: InferenceConfig,
-                          fraction_fields: list | None = None) -> Segmentation:
-  """One row from all of an image's tile results (none failed). fraction_fields names the
-  classes in the class_fractions column (labels.field_names)."""
+                          num_classes: int, inference: InferenceConfig) -> Segmentation:
+  """One row from all of an image's tile results (none failed)."""
   mask_png = class_counts = pooled = None
   counted = sum((p.spec.own_y1 - p.spec.own_y0) * (p.spec.own_x1 - p.spec.own_x0)
                 if p.counted_pixels is None else p.counted_pixels for p in parts)
@@ -54,9 +51,6 @@ def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model_handl
                        f" but the model has {num_classes}")
     mask_png = encode_mask_png(mask)
     class_counts = counts[:num_classes].astype(np.int64).tolist()
-    if fraction_fields is not None and counted:
-      qa["class_fractions"] = {name: float(count / counted)
-                               for name, count in zip(fraction_fields, class_counts)}
     qa.update(image_qa(np.sum([p.qa_sums for p in parts], axis=0),
                        np.sum([p.class_confidence_sums for p in parts], axis=0),
                        counts[:num_classes], counted))
@@ -146,8 +140,7 @@ class _StitchFn(beam.DoFn):
     try:
       row = assemble_segmentation(image, sorted(parts, key=lambda p: p.spec.index),
                                   self._model.handle, self._model.num_classes,
-                                  self._inference,
-                                  field_names(self._model.labels.class_names))
+                                  self._inference)
     except Exception as e:  # pylint: disable=broad-except
       self._errors.inc()
       self._progress.add(done=1, errors=1, tiles=len(parts))

@@ -11,7 +11,6 @@ from apache_beam.io.parquetio import WriteToParquet
 
 from transforms.config import InferenceConfig, ModelConfig, TilingConfig
 from transforms.inference.confidence import IGNORE_VALUE, PROBABILITIES
-from transforms.labels import field_names
 from transforms.types import NODATA_CLASS
 
 __all__ = ["WriteSegmentations", "WriteErrors", "segmentation_schema"]
@@ -50,16 +49,8 @@ _FIELDS = [
 
 def segmentation_schema(model: ModelConfig, tiling: TilingConfig,
                         inference: InferenceConfig) -> pa.Schema:
-  """The output schema; its metadata tells a reader everything needed to use the rows.
-
-  pooled_features is a fixed-size list (FLOAT[F] in DuckDB, a vector column for LanceDB);
-  class_fractions a struct with one float field per class, for filters in any engine.
-  """
+  """The output schema; its metadata tells a reader everything needed to use the rows."""
   labels = model.labels
-  fields = [f.with_type(pa.list_(pa.float32(), model.feature_dim))
-            if f.name == "pooled_features" else f for f in _FIELDS]
-  fields.append(pa.field("class_fractions", pa.struct(
-      [pa.field(name, pa.float32()) for name in field_names(labels.class_names)])))
   metadata = {
       "hrnet_beam.model": model.handle,
       "hrnet_beam.class_names": json.dumps(list(labels.class_names)),
@@ -67,13 +58,6 @@ def segmentation_schema(model: ModelConfig, tiling: TilingConfig,
       "hrnet_beam.labels_note": labels.note,
       "hrnet_beam.num_classes": str(labels.num_classes),
       "hrnet_beam.feature_dim": str(model.feature_dim),
-      "hrnet_beam.vectors": json.dumps({"pooled_features": {
-          "model": model.handle, "dimension": model.feature_dim, "dtype": "float32",
-          "what": "mean HRNetV2 feature (get_features, 1/4 resolution) over the valid "
-                  "pixels"}}),
-      "hrnet_beam.class_fractions_note": "class_fractions: one field per class (names of "
-                                         "class_names made column-safe), share of the "
-                                         "valid pixels; null without masks",
       "hrnet_beam.pooling": "mean over the image's pixels of the 1/4-resolution feature "
                             "of the cell each pixel falls in; each pixel counted once",
       "hrnet_beam.mask_encoding": MASK_ENCODING,
@@ -115,7 +99,7 @@ def segmentation_schema(model: ModelConfig, tiling: TilingConfig,
       "hrnet_beam.transform_order": "a,b,c,d,e,f (rasterio/affine): x = a*col + b*row + c, "
                                     "y = d*col + e*row + f, at pixel corners",
   }
-  return pa.schema(fields, metadata=metadata)
+  return pa.schema(_FIELDS, metadata=metadata)
 
 
 class WriteSegmentations(beam.PTransform):
