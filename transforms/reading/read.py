@@ -319,7 +319,8 @@ class ReadImages(beam.PTransform):
                        meta.path, meta.size_in_bytes)))),
          "done": done}
         | "OncePerFile" >> beam.CoGroupByKey()
-        | "KeepNewFiles" >> beam.ParDo(_KeepNewFn(config, progress)).with_outputs(ERRORS, main="files"))
+        | "KeepNewFiles" >> beam.ParDo(_KeepNewFn(config, progress)).with_outputs(
+            ERRORS, main="files"))
     image_files, shard_files = files.files | "ByFormat" >> beam.Partition(
         lambda meta, _: 0 if _format_of(meta.path, config) == FORMAT_IMAGE else 1, 2)
     planned = image_files | "PlanRasters" >> beam.ParDo(_PlanRastersFn(config, progress)).with_outputs(
@@ -328,24 +329,25 @@ class ReadImages(beam.PTransform):
     records = (
         shard_files
         | "ReadShardMatches" >> fileio.ReadMatches()
-        | "ReadShards" >> beam.ParDo(_ShardRecordsFn(config, progress)).with_outputs(
-            ERRORS, main="records"))
+        | "ReadShards" >> beam.ParDo(_ShardRecordsFn(config, progress)))
     # The second shuffle fans a few huge shards out over all workers, record by record,
     # and the blocks of huge rasters, block by block.
-    records_and_blocks = ((records.records, planned[BLOCKS])
+    records_and_blocks = ((records, planned[BLOCKS])
                           | "RecordsAndBlocks" >> beam.Flatten())
     new_records = (
         {"input": records_and_blocks, "done": done}
         | "OncePerRecord" >> beam.CoGroupByKey()
-        | "KeepNewRecords" >> beam.ParDo(_KeepNewFn(config, progress)).with_outputs(ERRORS, main="records"))
+        | "KeepNewRecords" >> beam.ParDo(_KeepNewFn(config, progress)).with_outputs(
+            ERRORS, main="records"))
     # Flatten before decoding, not after: a runner that materializes a flatten's inputs
     # between stages (the local one does) then holds file handles and encoded records,
     # not every decoded image of the job (measured: 5.5 GB for one 20000^2 raster).
     decoded = (
         (readable_files, new_records.records)
         | "FilesAndRecords" >> beam.Flatten()
-        | "Decode" >> beam.ParDo(_DecodeFn(config, progress)).with_outputs(ERRORS, main="images"))
+        | "Decode" >> beam.ParDo(_DecodeFn(config, progress)).with_outputs(
+            ERRORS, main="images"))
     images = decoded.images
-    errors = ((files[ERRORS], records[ERRORS], new_records[ERRORS], decoded[ERRORS])
+    errors = ((files[ERRORS], new_records[ERRORS], decoded[ERRORS])
               | "AllReadErrors" >> beam.Flatten())
     return images, errors
