@@ -15,6 +15,9 @@ REQUIRED = [
     "tifffile==2026.3.3",
     "rasterio==1.4.4",  # GeoTIFF georeferencing and nodata; its wheels bundle GDAL
     "tqdm==4.70.1",     # the progress line on a terminal
+    "shapely==2.2.0",   # polygons (--polygons_output)
+    "pyproj==3.7.2",    # CRS as PROJJSON in GeoParquet metadata, units for areas
+    "pycocotools==2.0.11",   # COCO RLE (hrnet-beam export)
 ]
 
 setuptools.setup(
@@ -30,6 +33,9 @@ setuptools.setup(
     install_requires=REQUIRED,
     entry_points={"console_scripts": ["hrnet-beam = pipeline.cli:main"]},
     extras_require={"test": ["pytest==9.2.0", "hypothesis==6.170.15",
-                             "gcp-storage-emulator==2026.7.19", "pandas==3.1.1",
-                             "duckdb==1.5.5"]},
+                             "gcp-storage-emulator==2026.7.19", "pandas==2.3.3",
+                             "duckdb==1.5.5", "duckdb-extension-spatial==1.5.5",
+                             "geopandas==1.2.0",
+                             # Each export format decoded by its own ecosystem's reader:
+                             "label-studio-converter==0.0.59", "datumaro==1.13.12"]},
 )

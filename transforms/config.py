@@ -74,3 +74,11 @@ class InferenceConfig:
   @property
   def want_confidence(self) -> bool:
     return OUTPUT_CONFIDENCE in self.outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class PolygonConfig:
+  """How masks become polygons (--polygons_output); sizes in pixels of the source."""
+  min_area_px: int = 0          # regions with fewer pixels are dropped
+  simplify_px: float = 0.0      # Douglas-Peucker tolerance (topology-preserving)
+  denoise_px: int = 0           # sieve: regions below this take their largest neighbour's class

@@ -145,3 +145,30 @@ class ErrorRecord:
   source: str
   stage: str
   reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PolygonPart:
+  """A 4-connected region of one class, traced in whole-raster pixel coordinates
+  (x = column, y = row); on_seam when it touches a block edge and may continue there."""
+  class_id: int
+  geometry_wkb: bytes
+  pixels: int                       # its pixels: the area in pixels, exactly
+  confidence_sum: Optional[float]   # sum of its pixels' max probability, when known
+  on_seam: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class PolygonFeature:
+  """One output polygon, in its raster's CRS (pixel coordinates for plain images)."""
+  image_id: str                     # the row's image_id; a raster's URI for its blocks
+  source: str
+  class_id: int
+  class_name: str
+  area_px: int                      # pixels of the region (before simplification)
+  area_m2: Optional[float]          # for projected CRSs
+  mean_confidence: Optional[float]
+  geometry: bytes                   # WKB
+  bbox: dict                        # xmin, ymin, xmax, ymax of the geometry
+  crs_key: str                      # which file set it goes to: one CRS per file
+  crs_wkt: Optional[str] = None     # that CRS (None: pixel coordinates or unknown CRS)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 
 from pipeline.job.progress import ProgressTotal
-from transforms.config import DecodeConfig, InferenceConfig, ModelConfig, TilingConfig
+from transforms.config import (DecodeConfig, InferenceConfig, ModelConfig, PolygonConfig,
+                               TilingConfig)
 from transforms.progress import ProgressConfig
 
 
@@ -26,6 +27,10 @@ class JobConfig:
   existing_errors: str | None = None  # pattern of earlier runs' error files to skip
   max_error_fraction: float | None = None
   mask_geotiff_dir: str | None = None   # where georeferenced masks go as COGs
+  polygons_output: str | None = None    # GeoParquet prefix for polygons (--polygons_output)
+  polygons: PolygonConfig = PolygonConfig()
+  store_confidence: bool = True         # False: confidence maps were computed for the
+                                        # polygons only and stay out of the Parquet rows
   input_total: ProgressTotal = ProgressTotal(0, 0)   # what the pre-launch match found
   progress: ProgressConfig = ProgressConfig()
   progress_mode: str = "auto"          # auto, bar, lines or off (progress.py)

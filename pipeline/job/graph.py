@@ -1,13 +1,17 @@
 """The job's graph: `build_pipeline(p, cfg)` wires the stages and does no I/O itself."""
 from __future__ import annotations
 
+import dataclasses
+
 import apache_beam as beam
 
 from pipeline.job.config import JobConfig
+from transforms.config import OUTPUT_CONFIDENCE
 from transforms.inference import SegmentImages
+from transforms.polygons import PolygonizeMasks
 from transforms.reading import ReadImages
-from transforms.writing import (WriteErrors, WriteMaskGeoTiffs, WriteSegmentations,
-                                segmentation_schema)
+from transforms.writing import (WriteErrors, WriteMaskGeoTiffs, WritePolygons,
+                                WriteSegmentations, segmentation_schema)
 
 
 def build_pipeline(p: beam.Pipeline, cfg: JobConfig) -> None:
@@ -20,8 +24,20 @@ def build_pipeline(p: beam.Pipeline, cfg: JobConfig) -> None:
   if cfg.mask_geotiff_dir:
     rows = rows | "WriteMaskGeoTiffs" >> WriteMaskGeoTiffs(cfg.mask_geotiff_dir,
                                                            cfg.model.labels.palette)
+  if cfg.polygons_output:
+    _ = (rows
+         | "PolygonizeMasks" >> PolygonizeMasks(cfg.polygons, cfg.model.labels.class_names)
+         | "WritePolygons" >> WritePolygons(cfg.polygons_output, cfg.run_id,
+                                            cfg.model.handle, cfg.model.labels.class_names,
+                                            cfg.polygons))
+  inference = cfg.inference
+  if not cfg.store_confidence:
+    rows = rows | "DropConfidence" >> beam.Map(
+        lambda row: dataclasses.replace(row, confidence_png=None))
+    inference = dataclasses.replace(inference, outputs=tuple(
+        o for o in inference.outputs if o != OUTPUT_CONFIDENCE))
   _ = rows | "WriteSegmentations" >> WriteSegmentations(
-      cfg.output, segmentation_schema(cfg.model, cfg.tiling, cfg.inference))
+      cfg.output, segmentation_schema(cfg.model, cfg.tiling, inference))
   _ = ((read_errors, segment_errors)
        | "AllErrors" >> beam.Flatten()
        | "WriteErrors" >> WriteErrors(cfg.errors_output))

@@ -17,7 +17,8 @@ from pipeline.job.progress import MODES as PROGRESS_MODES
 from pipeline.job.progress import ProgressTotal
 from transforms import labels as labels_lib
 from transforms.config import (OUTPUT_CONFIDENCE, OUTPUT_FEATURES, OUTPUT_MASKS,
-                               DecodeConfig, InferenceConfig, ModelConfig, TilingConfig)
+                               DecodeConfig, InferenceConfig, ModelConfig, PolygonConfig,
+                               TilingConfig)
 from transforms.augmentation import parse as parse_augmentation
 from transforms.inference.confidence import MAX_CLASSES_WITH_IGNORE
 from transforms.inference.model import inspect_model
@@ -196,6 +197,25 @@ class HRNetOptions(PipelineOptions):
         help="Also write each georeferenced input's mask as a Cloud-Optimized GeoTIFF "
              "here (local or gs://), with the source's CRS and transform and the class "
              "palette as colour map; the row's mask_geotiff column names the file.")
+
+    groups["outputs"].add_argument(
+        "--polygons_output", default=None,
+        help="Also write one polygon per region of one class as GeoParquet 1.1 (local or "
+             "gs://): <prefix>-<crs>-<run_id>-SSSSS-of-NNNNN.parquet, one file set per "
+             "CRS; plain images in pixel coordinates. A prefix ending in '/' is a "
+             "directory: files are named polygons-... there. Needs masks.")
+    groups["outputs"].add_argument(
+        "--min_polygon_area", type=int, default=0,
+        help="With --polygons_output: drop regions of fewer pixels than this.")
+    groups["outputs"].add_argument(
+        "--simplify_tolerance", type=float, default=0.0,
+        help="With --polygons_output: simplify outlines by up to this many pixels "
+             "(Douglas-Peucker, topology-preserving); 0 keeps the exact pixel edges.")
+    groups["outputs"].add_argument(
+        "--polygon_denoise", type=int, default=0,
+        help="With --polygons_output: regions under this many pixels first take the class "
+             "of their largest neighbour (GDAL's sieve); nodata is never filled. "
+             "Polygons only: the mask in the rows is unchanged.")
 
     groups["robustness"].add_argument(
         "--skip_existing", action="store_true", default=False,
@@ -441,6 +461,30 @@ def _check_writable(prefix: str, run_id: str) -> None:
                       f"{type(e).__name__}: {e}") from e
 
 
+def _polygons(options, outputs: tuple, run_id: str) -> tuple:
+  """(GeoParquet prefix or None, PolygonConfig), checked."""
+  if options.min_polygon_area < 0:
+    raise ConfigError(f"--min_polygon_area {options.min_polygon_area}: use pixels >= 0")
+  if not 0 <= options.simplify_tolerance < float("inf"):
+    raise ConfigError(f"--simplify_tolerance {options.simplify_tolerance}: use pixels >= 0")
+  if options.polygon_denoise < 0:
+    raise ConfigError(f"--polygon_denoise {options.polygon_denoise}: use pixels >= 0")
+  config = PolygonConfig(options.min_polygon_area, options.simplify_tolerance,
+                         options.polygon_denoise)
+  prefix = options.polygons_output
+  if not prefix:
+    if config != PolygonConfig():
+      raise ConfigError("--min_polygon_area, --simplify_tolerance and --polygon_denoise "
+                        "shape polygons: add --polygons_output PREFIX")
+    return None, config
+  if OUTPUT_MASKS not in outputs:
+    raise ConfigError("--polygons_output needs masks: add 'masks' to --outputs")
+  if _is_directory(prefix):
+    prefix = prefix.rstrip("/") + "/polygons"
+  _check_writable(prefix, run_id)
+  return prefix, config
+
+
 def _asks_for_gpu(options: HRNetOptions) -> bool:
   service_options = options.get_all_options().get("dataflow_service_options") or []
   return options.require_gpu or any("worker_accelerator" in o for o in service_options)
@@ -490,6 +534,11 @@ def job_config_from_options(options: HRNetOptions,
     if not options.outputs or OUTPUT_MASKS not in _parse_outputs(options.outputs):
       raise ConfigError("--mask_geotiff_dir needs masks: add 'masks' to --outputs")
     _check_writable(options.mask_geotiff_dir.rstrip("/") + "/mask", run_id)
+  polygons_output, polygons = _polygons(options, outputs, run_id)
+  store_confidence = OUTPUT_CONFIDENCE in outputs
+  if polygons_output:   # polygons carry their mean confidence: maps are computed
+    outputs = tuple(o for o in (OUTPUT_MASKS, OUTPUT_FEATURES, OUTPUT_CONFIDENCE)
+                    if o in outputs or o == OUTPUT_CONFIDENCE)
   threads = _thread_pools(options)
   handle = _model_handle(options.model)
   # The hardware check means something before launch only where the workers run here.
@@ -538,5 +587,6 @@ def job_config_from_options(options: HRNetOptions,
       existing_errors=existing_errors,
       max_error_fraction=options.max_error_fraction,
       mask_geotiff_dir=options.mask_geotiff_dir, input_total=input_total,
+      polygons_output=polygons_output, polygons=polygons, store_confidence=store_confidence,
       progress=ProgressConfig(log_interval_s=options.progress_interval),
       progress_mode=options.progress)

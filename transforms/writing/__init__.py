@@ -1,6 +1,8 @@
-"""Writing: rows to Parquet with one explicit schema, errors to JSON lines, and masks
-as Cloud-Optimized GeoTIFFs."""
+"""Writing: rows to Parquet with one explicit schema, errors to JSON lines, masks
+as Cloud-Optimized GeoTIFFs and polygons as GeoParquet."""
+from transforms.writing.geoparquet import WritePolygons
 from transforms.writing.geotiff import WriteMaskGeoTiffs
 from transforms.writing.parquet import WriteErrors, WriteSegmentations, segmentation_schema
 
-__all__ = ["WriteErrors", "WriteMaskGeoTiffs", "WriteSegmentations", "segmentation_schema"]
+__all__ = ["WriteErrors", "WriteMaskGeoTiffs", "WritePolygons", "WriteSegmentations",
+           "segmentation_schema"]

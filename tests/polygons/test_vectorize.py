@@ -1,0 +1,118 @@
+"""Masks to polygons, as pure functions: exact areas, nodata, seams merged exactly."""
+import numpy as np
+import pytest
+import shapely
+from hypothesis import given, settings, strategies as st
+from rasterio.features import rasterize
+from shapely import wkb
+
+from transforms.config import PolygonConfig
+from transforms.polygons.vectorize import denoise, finish, merge_parts, polygonize
+from transforms.types import NODATA_CLASS
+
+
+def _burn(parts, shape):
+  """The parts drawn back as a class mask (NODATA_CLASS where none)."""
+  return rasterize(((wkb.loads(p.geometry_wkb), p.class_id) for p in parts), out_shape=shape,
+                   fill=NODATA_CLASS, dtype="uint8")
+
+
+def _blobs(rng, height, width, classes=3):
+  coarse = rng.integers(0, classes, (height // 4 + 1, width // 4 + 1))
+  mask = np.repeat(np.repeat(coarse, 4, 0), 4, 1)[:height, :width].astype(np.uint8)
+  noise = rng.random((height, width)) < 0.05
+  return np.where(noise, rng.integers(0, classes, (height, width)), mask).astype(np.uint8)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(0, 10_000))
+def test_polygons_cover_each_class_exactly_and_never_nodata(height, width, seed):
+  rng = np.random.default_rng(seed)
+  mask = _blobs(rng, height, width)
+  mask[rng.random((height, width)) < 0.1] = NODATA_CLASS
+  confidence = rng.integers(0, 256, (height, width)).astype(np.uint8)
+  parts = polygonize(mask, confidence, PolygonConfig())
+  np.testing.assert_array_equal(_burn(parts, mask.shape), mask)
+  for part in parts:
+    geometry = wkb.loads(part.geometry_wkb)
+    assert geometry.is_valid and geometry.geom_type == "Polygon"
+    assert geometry.area == part.pixels        # pixel edges: area is the pixel count
+    region = _burn([part], mask.shape) != NODATA_CLASS
+    assert part.pixels == region.sum()
+    assert part.confidence_sum == pytest.approx(confidence[region].sum() / 255.0)
+  assert sum(p.pixels for p in parts) == (mask != NODATA_CLASS).sum()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(8, 48), st.integers(8, 48), st.integers(2, 20), st.integers(0, 10_000))
+def test_blocks_merged_across_seams_equal_the_whole_mask(height, width, block, seed):
+  rng = np.random.default_rng(seed)
+  mask = _blobs(rng, height, width, classes=2)
+  mask[:, : width // 5] = NODATA_CLASS
+  confidence = rng.integers(0, 256, (height, width)).astype(np.uint8)
+  whole = polygonize(mask, confidence, PolygonConfig())
+  final, seams = [], {}
+  for y in range(0, height, block):
+    for x in range(0, width, block):
+      for part in polygonize(mask[y:y + block, x:x + block], confidence[y:y + block, x:x + block],
+                             PolygonConfig(), offset=(y, x), seams=(y > 0, True, x > 0, True)):
+        if part.on_seam:
+          seams.setdefault(part.class_id, []).append(part)
+        else:
+          final.append(part)
+  for parts in seams.values():
+    final.extend(merge_parts(parts))
+  assert len(final) == len(whole)
+  key = lambda p: (p.class_id, wkb.loads(p.geometry_wkb).bounds, p.pixels)
+  for got, want in zip(sorted(final, key=key), sorted(whole, key=key)):
+    assert (got.class_id, got.pixels) == (want.class_id, want.pixels)
+    assert shapely.equals(wkb.loads(got.geometry_wkb), wkb.loads(want.geometry_wkb))
+    assert got.confidence_sum == pytest.approx(want.confidence_sum)
+
+
+def test_corner_touching_parts_stay_apart_as_in_one_block():
+  mask = np.full((4, 4), 1, np.uint8)
+  mask[:2, :2] = 0
+  mask[2:, 2:] = 0     # class 0 touches itself only at the centre corner
+  left = polygonize(mask[:, :2], None, PolygonConfig(), seams=(False, True, False, True))
+  right = polygonize(mask[:, 2:], None, PolygonConfig(), offset=(0, 2),
+                     seams=(False, True, True, True))
+  merged = merge_parts([p for p in left + right if p.class_id == 0])
+  assert sorted(p.pixels for p in merged) == [4, 4]
+  assert len(polygonize(mask, None, PolygonConfig())) == 4   # a 2 x 2 checkerboard
+
+
+def test_denoise_fills_small_regions_but_never_from_or_into_nodata():
+  mask = np.zeros((12, 12), np.uint8)
+  mask[5, 5] = 1                  # a speck inside class 0: becomes 0
+  mask[0:6, 8:12] = NODATA_CLASS
+  mask[2, 10] = 2                 # a speck inside nodata only: nothing to take, stays
+  valid = mask != NODATA_CLASS
+  cleaned = denoise(mask, valid, 4)
+  assert cleaned[5, 5] == 0 and cleaned[2, 10] == 2
+  np.testing.assert_array_equal(cleaned == NODATA_CLASS, mask == NODATA_CLASS)
+  parts = polygonize(mask, None, PolygonConfig(denoise_px=4))
+  assert sorted((p.class_id, p.pixels) for p in parts) == [(0, 12 * 12 - 24), (2, 1)]
+
+
+def test_finish_simplifies_drops_small_and_maps_to_the_crs():
+  mask = np.zeros((40, 40), np.uint8)
+  yy, xx = np.mgrid[:40, :40]
+  mask[(yy - 20) ** 2 + (xx - 20) ** 2 < 15 ** 2] = 1   # a staircase disc
+  mask[0, 0] = 2
+  parts = {p.class_id: p for p in polygonize(mask, None, PolygonConfig())}
+  disc = parts[1]
+  exact, _ = finish(disc, PolygonConfig(), None, None)
+  simple, _ = finish(disc, PolygonConfig(simplify_px=1.0), None, None)
+  assert len(simple.exterior.coords) < len(exact.exterior.coords) / 2
+  assert simple.is_valid
+  # Douglas-Peucker moves the outline by at most the tolerance.
+  assert abs(simple.area - disc.pixels) <= 1.0 * exact.length
+  assert simple.hausdorff_distance(exact) <= 1.0 + 1e-9
+  assert finish(parts[2], PolygonConfig(min_area_px=2), None, None) is None
+  transform = (0.5, 0.0, 1000.0, 0.0, -0.5, 2000.0)
+  mapped, area_m2 = finish(disc, PolygonConfig(), transform, 1.0)
+  assert area_m2 == disc.pixels * 0.25
+  assert mapped.area == pytest.approx(disc.pixels * 0.25)
+  x0, y0, x1, y1 = mapped.bounds
+  assert (x0, y1) == (1000.0 + 0.5 * 6, 2000.0 - 0.5 * 6)   # the disc starts at pixel 6

@@ -1,0 +1,156 @@
+"""PolygonizeMasks: segmentation rows -> one polygon per region of one class, in the
+raster's CRS; regions of a raster read by blocks are merged across block edges."""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from typing import Optional
+
+import apache_beam as beam
+import numpy as np
+
+from transforms.config import PolygonConfig
+from transforms.metrics import METRICS_NAMESPACE
+from transforms.polygons.vectorize import finish, merge_parts, metres_per_unit, polygonize
+from transforms.types import PolygonFeature, PolygonPart, Segmentation
+
+__all__ = ["PolygonizeMasks", "crs_key"]
+
+logger = logging.getLogger(__name__)
+
+_SEAM = "seam"
+PIXELS = "pixels"   # the crs_key of plain images: coordinates are (column, row)
+
+
+def crs_key(crs_wkt: Optional[str], crs_epsg: Optional[int], transform) -> str:
+  """Names the file set a polygon goes to; GeoParquet holds one CRS per column."""
+  if transform is None:
+    return PIXELS
+  if crs_epsg:
+    return f"epsg{crs_epsg}"
+  if crs_wkt:
+    return "crs" + hashlib.sha1(crs_wkt.encode()).hexdigest()[:10]
+  return "nocrs"
+
+
+def raster_transform(row: Segmentation) -> Optional[tuple]:
+  """The whole raster's transform (a block row carries its block's own)."""
+  if row.transform is None:
+    return None
+  a, b, c, d, e, f = row.transform[:6]
+  y, x = row.block_y or 0, row.block_x or 0
+  return (a, b, c - a * x - b * y, d, e, f - d * x - e * y)
+
+
+def _decode_png(data: Optional[bytes]) -> Optional[np.ndarray]:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  return None if data is None else np.asarray(Image.open(io.BytesIO(data)))
+
+
+
+def _feature(part: PolygonPart, context: tuple, config: PolygonConfig,
+             class_names: tuple) -> Optional[PolygonFeature]:
+  image_id, source, crs_wkt, crs_epsg, transform = context
+  done = finish(part, config, transform, metres_per_unit(crs_wkt) if transform else None)
+  if done is None:
+    return None
+  geometry, area_m2 = done
+  x0, y0, x1, y1 = geometry.bounds
+  return PolygonFeature(
+      image_id=image_id, source=source, class_id=part.class_id,
+      class_name=class_names[part.class_id], area_px=part.pixels, area_m2=area_m2,
+      mean_confidence=(None if part.confidence_sum is None or not part.pixels
+                       else part.confidence_sum / part.pixels),
+      geometry=geometry.wkb, bbox={"xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1},
+      crs_key=crs_key(crs_wkt, crs_epsg, transform), crs_wkt=crs_wkt)
+
+
+class _PolygonizeFn(beam.DoFn):
+  """Segmentation -> PolygonFeature; parts on a block edge go out tagged 'seam', keyed
+  by (raster, class), to be merged with their neighbours'. A row whose polygons fail
+  keeps its Parquet row: the failure is logged and counted (polygons_failed)."""
+
+  def __init__(self, config: PolygonConfig, class_names: tuple):
+    self._config = config
+    self._class_names = tuple(class_names)
+    self._polygons = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "polygons")
+    self._failed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "polygons_failed")
+
+  def process(self, row: Segmentation):
+    if row.mask_png is None:
+      return
+    try:
+      blocked = row.block_y is not None
+      transform = raster_transform(row)
+      context = (row.source if blocked else row.image_id, row.source, row.crs_wkt,
+                 row.crs_epsg, transform)
+      parts = polygonize(
+          _decode_png(row.mask_png), _decode_png(row.confidence_png), self._config,
+          offset=(row.block_y or 0, row.block_x or 0),
+          seams=(bool(row.block_y), blocked, bool(row.block_x), blocked))
+      features = []
+      seams = []
+      for part in parts:
+        if part.on_seam:
+          seams.append(((row.source, part.class_id), (part, context)))
+        else:
+          feature = _feature(part, context, self._config, self._class_names)
+          if feature is not None:
+            features.append(feature)
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed.inc()
+      logger.warning("Polygons of %s not written: %s: %s", row.image_id, type(e).__name__, e)
+      return
+    self._polygons.inc(len(features))
+    yield from features
+    for seam in seams:
+      yield beam.pvalue.TaggedOutput(_SEAM, seam)
+
+
+class _MergeSeamsFn(beam.DoFn):
+  """((raster, class), [(part, context)]) -> the merged regions as PolygonFeatures."""
+
+  def __init__(self, config: PolygonConfig, class_names: tuple):
+    self._config = config
+    self._class_names = tuple(class_names)
+    self._polygons = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "polygons")
+    self._failed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "polygons_failed")
+
+  def process(self, element):
+    (source, _), values = element
+    values = list(values)
+    # Blocks' transforms differ from the raster's in their last bits at most: the
+    # first block (in raster order) speaks for the raster, so the output is reproducible.
+    context = min((c for _, c in values), key=lambda c: (c[4] is None, c[4] or ()))
+    try:
+      merged = merge_parts([part for part, _ in values])
+      features = [f for f in (_feature(p, context, self._config, self._class_names)
+                              for p in merged) if f is not None]
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed.inc()
+      logger.warning("Polygons across blocks of %s not merged: %s: %s", source,
+                     type(e).__name__, e)
+      return
+    self._polygons.inc(len(features))
+    yield from features
+
+
+class PolygonizeMasks(beam.PTransform):
+  """PCollection[Segmentation] -> PCollection[PolygonFeature]. Usage:
+      polygons = rows | PolygonizeMasks(PolygonConfig(min_area_px=16), labels.class_names)
+  """
+
+  def __init__(self, config: PolygonConfig, class_names):
+    super().__init__()
+    self._config = config
+    self._class_names = tuple(class_names)
+
+  def expand(self, rows):
+    polygons, seams = (
+        rows | "Polygonize" >> beam.ParDo(
+            _PolygonizeFn(self._config, self._class_names)).with_outputs(_SEAM, main="whole"))
+    merged = (seams
+              | "GroupSeams" >> beam.GroupByKey()
+              | "MergeSeams" >> beam.ParDo(_MergeSeamsFn(self._config, self._class_names)))
+    return (polygons, merged) | "AllPolygons" >> beam.Flatten()

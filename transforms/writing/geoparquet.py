@@ -1,0 +1,162 @@
+"""Writing polygons as GeoParquet 1.1: WKB geometry, `geo` metadata with the CRS as
+PROJJSON, and a bbox covering column so readers skip row groups by extent.
+
+A GeoParquet column has one CRS, so polygons go to one file set per CRS:
+`<prefix>-<crs key>-<run id>-SSSSS-of-NNNNN.parquet` (crs key: epsgNNNN, crsHASH,
+nocrs, or pixels for plain images, whose coordinates are (column, row)).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Optional
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+
+from transforms.config import PolygonConfig
+from transforms.polygons.polygonize import PIXELS
+from transforms.types import PolygonFeature
+
+__all__ = ["WritePolygons", "polygon_schema", "geo_metadata"]
+
+logger = logging.getLogger(__name__)
+
+GEOPARQUET_VERSION = "1.1.0"
+ROW_GROUP_ROWS = 8192   # polygons per row group: the unit a bbox filter can skip
+
+_BBOX = pa.struct([pa.field("xmin", pa.float64()), pa.field("ymin", pa.float64()),
+                   pa.field("xmax", pa.float64()), pa.field("ymax", pa.float64())])
+_FIELDS = [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("class_id", pa.int32(), nullable=False),
+    pa.field("class_name", pa.string(), nullable=False),
+    pa.field("area_px", pa.int64(), nullable=False),
+    pa.field("area_m2", pa.float64()),
+    pa.field("mean_confidence", pa.float32()),
+    pa.field("geometry", pa.binary(), nullable=False),
+    pa.field("bbox", _BBOX, nullable=False),
+]
+_COLUMNS = [f.name for f in _FIELDS]
+
+
+def polygon_schema(model_handle: str, class_names, config: PolygonConfig,
+                   crs_key: str) -> pa.Schema:
+  """The polygons' schema; the `geo` key is added when a file opens (with its CRS)."""
+  coordinates = ("pixels of the source image: x = column, y = row, origin at the "
+                 "top-left corner, y down" if crs_key == PIXELS else
+                 "the source raster's CRS (geo metadata); nocrs: georeferenced "
+                 "without a CRS")
+  return pa.schema(_FIELDS, metadata={
+      "hrnet_beam.model": model_handle,
+      "hrnet_beam.class_names": json.dumps(list(class_names)),
+      "hrnet_beam.coordinates": coordinates,
+      "hrnet_beam.min_polygon_area_px": str(config.min_area_px),
+      "hrnet_beam.simplify_tolerance_px": str(config.simplify_px),
+      "hrnet_beam.denoise_px": str(config.denoise_px),
+      "hrnet_beam.polygon_note": "one polygon per 4-connected region of one class of the "
+                                 "stitched mask; nodata never becomes a polygon; regions "
+                                 "of a raster read by blocks are merged across blocks "
+                                 "(image_id is then the raster's URI); area_px counts "
+                                 "the region's pixels before simplification; "
+                                 "mean_confidence is its pixels' mean max probability",
+  })
+
+
+def geo_metadata(crs_wkt: Optional[str], crs_key: str) -> dict:
+  """GeoParquet 1.1 file metadata. crs null means 'undefined' in the spec: pixel
+  coordinates, or a raster without a CRS."""
+  crs = None
+  if crs_wkt and crs_key != PIXELS:
+    from pyproj import CRS  # pylint: disable=import-outside-toplevel
+    crs = CRS.from_wkt(crs_wkt).to_json_dict()
+  column = {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": crs,
+            "covering": {"bbox": {"xmin": ["bbox", "xmin"], "ymin": ["bbox", "ymin"],
+                                  "xmax": ["bbox", "xmax"], "ymax": ["bbox", "ymax"]}}}
+  return {"version": GEOPARQUET_VERSION, "primary_column": "geometry",
+          "columns": {"geometry": column}}
+
+
+class _GeoParquetSink(fileio.FileSink):
+  """Buffers polygons into row groups. The writer opens at the first polygon, which
+  names the file's CRS (all of a destination's polygons share it); the footer is
+  written at flush, which WriteToFiles calls once, just before it closes the file."""
+
+  def __init__(self, schema: pa.Schema):
+    self._schema = schema
+    self._fh = None
+    self._writer = None
+    self._rows: list = []
+
+  def create_metadata(self, destination, full_file_name):
+    return fileio.FileMetadata(mime_type="application/vnd.apache.parquet",
+                               compression_type=CompressionTypes.UNCOMPRESSED)
+
+  def open(self, fh):
+    self._fh, self._writer, self._rows = fh, None, []
+
+  def write(self, record: PolygonFeature):
+    if self._writer is None:
+      # `geo` goes in the Arrow schema's metadata, which is what GeoPandas and DuckDB read.
+      schema = self._schema.with_metadata({
+          **self._schema.metadata,
+          b"geo": json.dumps(geo_metadata(record.crs_wkt, record.crs_key)).encode()})
+      self._schema = schema
+      self._writer = pq.ParquetWriter(pa.PythonFile(self._fh, mode="w"), schema,
+                                      compression="zstd")
+    self._rows.append(record)
+    if len(self._rows) >= ROW_GROUP_ROWS:
+      self._write_rows()
+
+  def _write_rows(self):
+    if self._rows:
+      columns = {name: [getattr(r, name) for r in self._rows] for name in _COLUMNS}
+      self._writer.write_table(pa.table(columns, schema=self._schema),
+                               row_group_size=ROW_GROUP_ROWS)
+      self._rows = []
+
+  def flush(self):
+    if self._writer is None:
+      return
+    self._write_rows()
+    self._writer.close()
+    self._writer = None
+
+
+class WritePolygons(beam.PTransform):
+  """PCollection[PolygonFeature] -> GeoParquet files, one set per CRS. The run id in
+  each name keeps earlier runs' files (--skip_existing) beside this run's. Usage:
+      polygons | WritePolygons("out/polygons", run_id, handle, class_names, config)
+  """
+
+  def __init__(self, file_path_prefix: str, run_id: str, model_handle: str, class_names,
+               config: PolygonConfig):
+    super().__init__()
+    prefix = file_path_prefix.rstrip("/")
+    self._directory, self._stem = (prefix.rsplit("/", 1) if "/" in prefix
+                                   else (".", prefix))
+    self._run_id = run_id
+    self._model_handle = model_handle
+    self._class_names = tuple(class_names)
+    self._config = config
+
+  def expand(self, polygons):
+    stem, run_id = self._stem, self._run_id
+    handle, names, config = self._model_handle, self._class_names, self._config
+
+    def naming(window, pane, shard_index, total_shards, compression, destination):
+      del window, pane, compression
+      return (f"{stem}-{destination}-{run_id}-{shard_index or 0:05d}-of-"
+              f"{total_shards or 1:05d}.parquet")
+
+    return (polygons
+            | "WriteGeoParquet" >> fileio.WriteToFiles(
+                path=self._directory, file_naming=naming,
+                destination=lambda feature: feature.crs_key,
+                sink=lambda destination: _GeoParquetSink(
+                    polygon_schema(handle, names, config, destination)),
+                max_writers_per_bundle=4))
