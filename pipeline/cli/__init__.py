@@ -19,6 +19,8 @@ COMMANDS = {
     "show": ("pipeline.cli.show", "print what a job wrote: rows, main classes, errors"),
     "render": ("pipeline.cli.render",
                "write overlay PNGs: each source image with its mask blended over it"),
+    "export": ("pipeline.cli.export",
+               "export masks to a labeling tool: COCO, Label Studio or CVAT"),
     "stage-model": ("pipeline.cli.stage_model",
                     "check a model and copy it to gs:// once, so workers never download it"),
     "compare-precision": ("pipeline.cli.compare_precision",
