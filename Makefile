@@ -4,6 +4,11 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+# datumaro (CVAT's dataset library; the tests import CVAT exports with it) pins
+# cachetools~=7, which apache-beam[gcp] excludes: it gets a virtualenv of its own.
+DATUMARO := .venv-datumaro
+DATUMARO_PIN := datumaro==1.13.12
+DATUMARO_STAMP := $(DATUMARO)/.installed-$(DATUMARO_PIN)
 DEMO := demo-output
 
 .PHONY: venv demo test bench bench-quick bench-many clean
@@ -15,17 +20,26 @@ $(STAMP): setup.py
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
-venv: $(STAMP)
+$(DATUMARO_STAMP):
+	@test -x $(DATUMARO)/bin/python || $(PYTHON) -m venv $(DATUMARO)
+	$(DATUMARO)/bin/python -m pip install --quiet --upgrade pip
+	$(DATUMARO)/bin/python -m pip install --quiet '$(DATUMARO_PIN)'
+	@rm -f $(DATUMARO)/.installed-*
+	@touch '$(DATUMARO_STAMP)'
+
+venv: $(STAMP) $(DATUMARO_STAMP)
 
 demo: $(STAMP)
 	@rm -rf $(DEMO)
 	$(BIN)/hrnet-beam scenes --demo --output $(DEMO)/images
 	$(BIN)/hrnet-beam run --input '$(DEMO)/images/*' --model models/demo \
-	  --output $(DEMO)/out/segmentations --tile_size 512 --tile_overlap 64
+	  --output $(DEMO)/out/segmentations --tile_size 512 --tile_overlap 64 \
+	  --polygons_output $(DEMO)/out/polygons --min_polygon_area 16 --simplify_tolerance 1
 	$(BIN)/hrnet-beam show $(DEMO)/out/segmentations
 	$(BIN)/hrnet-beam render $(DEMO)/out/segmentations --out $(DEMO)/out/overlays
+	$(BIN)/hrnet-beam export --format coco $(DEMO)/out/segmentations --to $(DEMO)/out/coco
 
-test: $(STAMP)
+test: $(STAMP) $(DATUMARO_STAMP)
 	$(BIN)/python -m pytest -q tests
 
 # The full benchmark (HRNetV2-W48; tens of minutes on 2 cores) and its CI smoke version.
@@ -40,4 +54,4 @@ bench-many: $(STAMP)
 	$(BIN)/python -m benchmarks.many_files --report bench-report-many.json
 
 clean:
-	rm -rf $(VENV) $(DEMO) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(DATUMARO) $(DEMO) *.egg-info .pytest_cache

@@ -36,6 +36,7 @@ setuptools.setup(
                              "gcp-storage-emulator==2026.7.19", "pandas==2.3.3",
                              "duckdb==1.5.5", "duckdb-extension-spatial==1.5.5",
                              "geopandas==1.2.0",
-                             # Each export format decoded by its own ecosystem's reader:
-                             "label-studio-converter==0.0.59", "datumaro==1.13.12"]},
+                             # Export formats decoded by their own ecosystem's readers
+                             # (datumaro, for CVAT, lives in .venv-datumaro: Makefile):
+                             "label-studio-converter==0.0.59"]},
 )

@@ -47,6 +47,10 @@ class RunSummary:
     text = (f"hrnet-beam {self.state}: {self.inputs} inputs, {self.rows} rows, "
             f"{self.errors} errors{skipped}. Rows: {cfg.output}-*.parquet  Errors: "
             f"{cfg.errors_output}-*.jsonl")
+    if cfg.polygons_output:
+      failed = self.metrics.get("polygons_failed", 0)
+      text += (f"  Polygons: {self.metrics.get('polygons', 0)} in {cfg.polygons_output}-*.parquet"
+               + (f" ({failed} rows' polygons failed: see the warnings)" if failed else ""))
     return f"{text}  FAILED: {self.failure}" if self.failure else text
 
 

@@ -55,6 +55,8 @@ def polygons_run(pixel_local_model, tmp_path_factory):
                     "--tile_overlap", OVERLAP, "--polygons_output", tmp / "out" / "polygons",
                     "--run_id", "r1")
   assert summary.rows == 2 and summary.errors == 0
+  assert summary.metrics["polygons"] == sum(
+      pq.read_metadata(f).num_rows for f in glob.glob(f"{tmp}/out/polygons-*.parquet"))
   rows = {r["source"].rsplit("/", 1)[-1]: r for r in read_rows(tmp / "out" / "rows").values()}
   return tmp / "out" / "polygons", rows, valid
 
