@@ -66,31 +66,36 @@ def _model(directory: str, quick: bool) -> str:
 
 
 def mode_limit(model: str, images: list, precision: str = "float32") -> dict:
-  """The bare model loop: tiles decoded and cut beforehand, only inference timed."""
+  """The bare model loop: the job's tiles (its grid) decoded and cut beforehand, stacked
+  by shape; only inference timed."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from transforms.reading.decode import decode_image  # pylint: disable=import-outside-toplevel
   from transforms.inference.model import load_hrnet  # pylint: disable=import-outside-toplevel
   from transforms.tiling.channels import to_unit_float
   from transforms.tiling.grid import cut_tile, tile_grid  # pylint: disable=import-outside-toplevel
-  tiles = []
+  by_shape = {}
   for path in images:
     with open(path, "rb") as f:
       pixels = decode_image(f.read(), 10**9)
-    tiles += [to_unit_float(cut_tile(pixels, spec, TILE))
-              for spec in tile_grid(*pixels.shape[:2], TILE, OVERLAP)]
-  stack = np.stack(tiles)
-  del tiles
+    for spec in tile_grid(*pixels.shape[:2], TILE, OVERLAP):
+      by_shape.setdefault((spec.height, spec.width), []).append(
+          to_unit_float(cut_tile(pixels, spec)))
+  stacks = [np.stack(tiles) for tiles in by_shape.values()]
+  del by_shape
   model = load_hrnet(model, precision=precision, precision_fallback="fail")
   best = None
   for batch in (1, 2):
-    model.infer(stack[:batch], True, True)  # trace outside the timing
+    for stack in stacks:
+      model.infer(stack[:batch], True, True)  # trace outside the timing
     started = time.perf_counter()
-    for start in range(0, len(stack), batch):
-      model.infer(stack[start:start + batch], True, True)
+    for stack in stacks:
+      for start in range(0, len(stack), batch):
+        model.infer(stack[start:start + batch], True, True)
     seconds = time.perf_counter() - started
     if best is None or seconds < best["seconds"]:
       best = {"seconds": seconds, "batch_size": batch}
-  return {**best, "tiles": len(stack), "images": len(images)}
+  return {**best, "tiles": sum(len(s) for s in stacks), "images": len(images),
+          "tile_shapes": sorted({s.shape[1:3] for s in stacks})}
 
 
 def mode_pipeline(model: str, images: list, workdir: str, precision: str = "float32",

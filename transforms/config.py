@@ -23,10 +23,15 @@ class DecodeConfig:
   max_record_bytes: int = 1 << 30      # larger files and shard records are errors, unread
 
 
+GRID_FIT = "fit"       # the fewest tiles that cover the image, each shrunk to fit it
+GRID_FIXED = "fixed"   # every tile tile_size, the last ones padded (before 2026-11)
+
+
 @dataclasses.dataclass(frozen=True)
 class TilingConfig:
   tile_size: int = 512
   tile_overlap: int = 64
+  grid: str = GRID_FIT
 
 
 @dataclasses.dataclass(frozen=True)

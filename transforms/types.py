@@ -71,9 +71,12 @@ class ImageInfo:
 
 @dataclasses.dataclass(frozen=True)
 class TileSpec:
-  """A tile's place: its origin in the image and the box it owns in image coordinates.
+  """A tile's place: its origin and size in the image and the box it owns in image
+  coordinates.
 
   Owned boxes of an image's tiles partition the image, so every pixel is counted once.
+  height and width are the tile's (the model's input) side along y and x: multiples of
+  32, at most --tile_size, the same for every tile of an image.
   """
   index: int
   y: int
@@ -82,15 +85,17 @@ class TileSpec:
   own_y1: int
   own_x0: int
   own_x1: int
+  height: int
+  width: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Tile:
-  """A fixed-size tile (tile_size, tile_size, 3), padded past the image's bottom/right."""
+  """A tile (spec.height, spec.width, 3), padded past the image's bottom/right."""
   image: ImageInfo
   spec: TileSpec
   pixels: np.ndarray
-  valid: Optional[np.ndarray] = None   # (tile_size, tile_size) bool; None: all valid
+  valid: Optional[np.ndarray] = None   # (spec.height, spec.width) bool; None: all valid
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,8 +82,9 @@ def model_tiles(patterns: list, tile_size: int, overlap: int, max_tiles: int,
   for path in paths:
     with FileSystems.open(path) as f:
       pixels = decode_image(f.read(), 10**9)
-    for spec in tile_grid(*pixels.shape[:2], tile_size, overlap):
-      tiles.append(map_channels(to_unit_float(cut_tile(pixels, spec, tile_size)),
+    # Full-size tiles: one shape to stack, and the speed of the --tile_size call.
+    for spec in tile_grid(*pixels.shape[:2], tile_size, overlap, fit=False):
+      tiles.append(map_channels(to_unit_float(cut_tile(pixels, spec)),
                                 channel_mapping))
       if len(tiles) == max_tiles:
         return np.stack(tiles)

@@ -16,7 +16,8 @@ from pipeline.job.config import ConfigError, JobConfig
 from pipeline.job.progress import MODES as PROGRESS_MODES
 from pipeline.job.progress import ProgressTotal
 from transforms import labels as labels_lib
-from transforms.config import (OUTPUT_CONFIDENCE, OUTPUT_FEATURES, OUTPUT_MASKS,
+from transforms.config import (GRID_FIT, GRID_FIXED, OUTPUT_CONFIDENCE, OUTPUT_FEATURES,
+                               OUTPUT_MASKS,
                                DecodeConfig, InferenceConfig, ModelConfig, PolygonConfig,
                                TilingConfig)
 from transforms.augmentation import parse as parse_augmentation
@@ -152,6 +153,13 @@ class HRNetOptions(PipelineOptions):
         "--tile_overlap", type=int, default=64,
         help=f"Overlap between neighbouring tiles in pixels (multiple of {ALIGNMENT}); "
              "each side keeps half.")
+    groups["tiling"].add_argument(
+        "--tile_grid", choices=(GRID_FIT, GRID_FIXED), default=GRID_FIT,
+        help="'fit': the fewest tiles of at most --tile_size that cover each image with at "
+             "least --tile_overlap, each shrunk to the smallest multiple of 32 that still "
+             "covers it (a 1024 px side: three 384 px tiles). 'fixed': every tile "
+             "--tile_size, the last ones padded (the grid before 2026-11; more pixels for "
+             "the model).")
 
     groups["tiling"].add_argument(
         "--batch_size", type=int, default=4,
@@ -341,13 +349,13 @@ def _fraction(name: str, value, low_open: bool = True) -> None:
     raise ConfigError(f"--{name} {value}: use a probability in (0, 1], e.g. 0.9")
 
 
-def _check_tiling(tile_size: int, overlap: int) -> TilingConfig:
+def _check_tiling(tile_size: int, overlap: int, grid: str = GRID_FIT) -> TilingConfig:
   if tile_size < ALIGNMENT or tile_size % ALIGNMENT:
     raise ConfigError(f"--tile_size {tile_size}: use a multiple of {ALIGNMENT} (e.g. 512)")
   if overlap < 0 or overlap % ALIGNMENT or overlap >= tile_size:
     raise ConfigError(f"--tile_overlap {overlap}: use a multiple of {ALIGNMENT} below "
                       f"--tile_size {tile_size} (e.g. 64)")
-  return TilingConfig(tile_size, overlap)
+  return TilingConfig(tile_size, overlap, grid)
 
 
 def _thread_pools(options: HRNetOptions) -> tuple:
@@ -507,7 +515,7 @@ def job_config_from_options(options: HRNetOptions,
   if options.max_error_fraction is not None and not 0 <= options.max_error_fraction < 1:
     raise ConfigError(f"--max_error_fraction {options.max_error_fraction}: use a fraction "
                       "in [0, 1), e.g. 0.05")
-  tiling = _check_tiling(options.tile_size, options.tile_overlap)
+  tiling = _check_tiling(options.tile_size, options.tile_overlap, options.tile_grid)
   outputs = _parse_outputs(options.outputs)
   try:
     augmentation = parse_augmentation(options.tta)

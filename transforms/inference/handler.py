@@ -44,7 +44,7 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
   out-of-memory error the call size is halved and stays there.
   """
 
-  def __init__(self, model: ModelConfig, inference: InferenceConfig, tile_size: int):
+  def __init__(self, model: ModelConfig, inference: InferenceConfig):
     share = inference.share_model_across_processes or inference.model_copies is not None
     super().__init__(min_batch_size=inference.min_batch_size,
                      max_batch_size=inference.max_batch_size,
@@ -52,7 +52,6 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
                      model_copies=inference.model_copies if share else None)
     self._model_config = model
     self._inference = inference
-    self._tile_size = tile_size
     self._call_size = inference.model_batch_size
     self._metrics = None
 
@@ -87,6 +86,14 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
     return results
 
   def _infer_or_split(self, tiles: list, model: LoadedHRNet) -> list:
+    shapes = list(dict.fromkeys((t.spec.height, t.spec.width) for t in tiles))
+    if len(shapes) > 1:   # one model call per tile shape; results in the batch's order
+      results = {}
+      for shape in shapes:
+        group = [i for i, t in enumerate(tiles) if (t.spec.height, t.spec.width) == shape]
+        for i, result in zip(group, self._infer_or_split([tiles[i] for i in group], model)):
+          results[i] = result
+      return [results[i] for i in range(len(tiles))]
     if len(tiles) > self._call_size:
       results = []
       while tiles:
@@ -123,10 +130,12 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
     needed = [i for i, valid in enumerate(valid_own) if valid is None or valid.any()]
     outputs = TileOutputs()
     if needed:
-      size, cells = self._tile_size, self._tile_size // FEATURE_STRIDE
-      images = np.zeros((self._call_size, size, size, 3), np.float32)
-      weights = np.zeros((self._call_size, cells, cells), np.float32)
-      pixel_weights = np.zeros((self._call_size, size, size), np.float32)
+      # Every call has the same shape for a tile shape: `call_size` tiles, padded.
+      height, width = tiles[0].spec.height, tiles[0].spec.width
+      cells = (height // FEATURE_STRIDE, width // FEATURE_STRIDE)
+      images = np.zeros((self._call_size, height, width, 3), np.float32)
+      weights = np.zeros((self._call_size, *cells), np.float32)
+      pixel_weights = np.zeros((self._call_size, height, width), np.float32)
       for slot, i in enumerate(needed):
         images[slot] = map_channels(to_unit_float(tiles[i].pixels),
                                     self._model_config.channel_mapping)

@@ -118,8 +118,8 @@ class LoadedHRNet:
     self._tile_functions = {}
 
   def _tile_function(self, augmentation: Augmentation, want_features: bool,
-                     want_confidence: bool, want_pseudo: bool):
-    key = (augmentation, want_features, want_confidence, want_pseudo)
+                     want_confidence: bool, want_pseudo: bool, shape: tuple):
+    key = (augmentation, want_features, want_confidence, want_pseudo, shape)
     if key in self._tile_functions:
       return self._tile_functions[key]
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -181,18 +181,18 @@ class LoadedHRNet:
                          else unused)
       return ids, confidence_8bit, pseudo, qa, class_confidence
 
-    # Traced per input shape: the job calls at one fixed shape, and the passes' sizes
-    # are computed from the static tile side.
+    # One function per input shape (the key): the job calls at a fixed shape per tile
+    # shape, and the passes' sizes are computed from the static tile sides.
     if want_features:
       def with_features(images, cell_weights, pixel_weights, threshold, ignore_below):
         probabilities, features = averaged(images)
         return (*summaries(probabilities, pixel_weights, threshold, ignore_below),
                 tf.einsum("bhw,bhwf->bf", cell_weights, features))
-      function = tf.function(with_features, reduce_retracing=True)
+      function = tf.function(with_features)
     else:
       def masks_only(images, pixel_weights, threshold, ignore_below):
         return summaries(averaged(images)[0], pixel_weights, threshold, ignore_below)
-      function = tf.function(masks_only, reduce_retracing=True)
+      function = tf.function(masks_only)
     self._tile_functions[key] = function
     return function
 
@@ -213,7 +213,7 @@ class LoadedHRNet:
           images, np.asarray(cell_weights, np.float32)).numpy())
     pixel_weights = np.asarray(pixel_weights, np.float32)
     function = self._tile_function(augmentation, want_features, want_confidence,
-                                   ignore_below is not None)
+                                   ignore_below is not None, images.shape)
     if want_features:
       *maps, features = function(images, np.asarray(cell_weights, np.float32), pixel_weights,
                                  threshold, ignore)
@@ -224,6 +224,18 @@ class LoadedHRNet:
     return TileOutputs(ids, confidence if want_confidence else None,
                        pseudo if ignore_below is not None else None, qa, class_confidence,
                        features)
+
+  def one_pass_function(self):
+    """A tf.function: images (B, H, W, 3) -> {'scores', 'features'}, one backbone pass
+    where the model allows it: what `hrnet-beam optimize` converts."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    scores_and_features = self._scores_and_features
+
+    def one_pass(images):
+      scores, features = scores_and_features(images)
+      return {"scores": scores, "features": features}
+    return tf.function(one_pass, input_signature=[
+        tf.TensorSpec([None, None, None, 3], tf.float32)])
 
   def precision(self) -> str:
     """The precision that really runs (a method: shared models are proxies of methods)."""

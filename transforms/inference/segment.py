@@ -11,7 +11,7 @@ from apache_beam.transforms.window import GlobalWindows
 from PIL import Image
 
 from transforms.budget import ErrorBudget
-from transforms.config import InferenceConfig, ModelConfig, TilingConfig
+from transforms.config import GRID_FIT, InferenceConfig, ModelConfig, TilingConfig
 from transforms.inference.confidence import image_qa
 from transforms.inference.handler import HRNetModelHandler
 from transforms.metrics import METRICS_NAMESPACE
@@ -76,7 +76,7 @@ def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model_handl
 
 
 class _TileFn(beam.DoFn):
-  """ImageRecord -> its Tiles, all of one shape so batches stack."""
+  """ImageRecord -> its Tiles, all of one shape (the handler stacks tiles by shape)."""
 
   def __init__(self, config: TilingConfig):
     self._config = config
@@ -84,14 +84,14 @@ class _TileFn(beam.DoFn):
 
   def process(self, record: ImageRecord):
     height, width = record.pixels.shape[:2]
-    specs = tile_grid(height, width, self._config.tile_size, self._config.tile_overlap)
+    specs = tile_grid(height, width, self._config.tile_size, self._config.tile_overlap,
+                      fit=self._config.grid == GRID_FIT)
     info = ImageInfo(record.image_id, record.source, height, width, len(specs), record.geo,
                      record.block)
     self._tiles.inc(len(specs))
-    size = self._config.tile_size
     for spec in specs:
-      valid = None if record.valid is None else cut_valid(record.valid, spec, size)
-      yield Tile(info, spec, cut_tile(record.pixels, spec, size), valid)
+      valid = None if record.valid is None else cut_valid(record.valid, spec)
+      yield Tile(info, spec, cut_tile(record.pixels, spec), valid)
 
 
 class _StitchFn(beam.DoFn):
@@ -183,7 +183,7 @@ class SegmentImages(beam.PTransform):
     self._progress = progress
 
   def expand(self, images):
-    handler = HRNetModelHandler(self._model, self._inference, self._tiling.tile_size)
+    handler = HRNetModelHandler(self._model, self._inference)
     stitched = (
         images
         | "Tile" >> beam.ParDo(_TileFn(self._tiling))
