@@ -13,6 +13,6 @@ WORKDIR /opt/hrnet-beam
 COPY setup.py README.md ./
 COPY pipeline pipeline
 COPY transforms transforms
-RUN pip install --no-cache-dir . "tensorflow[and-cuda]==2.21.0"
+RUN pip install --no-cache-dir ".[optimize]" "tensorflow[and-cuda]==2.21.0"
 
 ENTRYPOINT ["/opt/apache/beam/boot"]

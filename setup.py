@@ -18,7 +18,12 @@ REQUIRED = [
     "shapely==2.2.0",   # polygons (--polygons_output)
     "pyproj==3.7.2",    # CRS as PROJJSON in GeoParquet metadata, units for areas
     "pycocotools==2.0.11",   # COCO RLE (hrnet-beam export)
+    "openvino==2026.4.1",    # the OpenVINO engine for optimized models
 ]
+
+# hrnet-beam optimize quantizes with NNCF (it brings scipy and scikit-learn: workers
+# running an optimized model need only openvino).
+OPTIMIZE = ["nncf==3.4.0"]
 
 setuptools.setup(
     name="hrnet-beam",
@@ -32,7 +37,8 @@ setuptools.setup(
     package_data={"transforms": ["model_labels/*.json"], "pipeline.standin": ["*.json"]},
     install_requires=REQUIRED,
     entry_points={"console_scripts": ["hrnet-beam = pipeline.cli:main"]},
-    extras_require={"test": ["pytest==9.2.0", "hypothesis==6.170.15",
+    extras_require={"optimize": OPTIMIZE,
+                    "test": OPTIMIZE + ["pytest==9.2.0", "hypothesis==6.170.15",
                              "gcp-storage-emulator==2026.7.19", "pandas==2.3.3",
                              "duckdb==1.5.5", "duckdb-extension-spatial==1.5.5",
                              "geopandas==1.2.0",

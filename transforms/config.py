@@ -46,6 +46,8 @@ class ModelConfig:
   precision: str = "float32"     # float32, bfloat16 or float16 (precision.py)
   precision_fallback: str = "float32"   # where unsupported: run float32, or "fail"
   scores_kind: str = "logits"    # what predict returns, found at load: probabilities or logits
+  engine: str = "tensorflow"     # or "openvino": an optimized model (hrnet-beam optimize)
+  manifest_json: str = ""        # an optimized model's manifest, for the files' metadata
 
   @property
   def num_classes(self) -> int:

@@ -141,6 +141,7 @@ class Segmentation:
   confidence_png: Optional[bytes] = None        # max probability x 255 (--outputs confidence)
   pseudo_label_png: Optional[bytes] = None      # mask with IGNORE_VALUE (--ignore_below)
   augmentation: str = "none"                    # test-time augmentation (Augmentation.describe)
+  engine: str = "tensorflow"                    # or openvino (an optimized model)
 
 
 @dataclasses.dataclass(frozen=True)

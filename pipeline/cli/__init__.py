@@ -21,6 +21,8 @@ COMMANDS = {
                "write overlay PNGs: each source image with its mask blended over it"),
     "export": ("pipeline.cli.export",
                "export masks to a labeling tool: COCO, Label Studio or CVAT"),
+    "optimize": ("pipeline.cli.optimize",
+                 "convert a model to OpenVINO (float32, bfloat16, int8) and measure it"),
     "stage-model": ("pipeline.cli.stage_model",
                     "check a model and copy it to gs:// once, so workers never download it"),
     "compare-precision": ("pipeline.cli.compare_precision",

@@ -105,11 +105,13 @@ def _worker(model_handle: str, precision: str, tiles_path: str, result_path: str
     features.append(tile_features[0].mean(axis=(0, 1), dtype=np.float64))
   seconds = time.perf_counter() - started
   np.savez(result_path, ids=np.stack(ids), features=np.stack(features),
-           seconds_per_tile=seconds / len(tiles), precision=model.precision())
+           seconds_per_tile=seconds / len(tiles), precision=model.precision(),
+           engine=model.engine)
 
 
-def _run_worker(model: str, precision: str, tiles_path: str, workdir: str) -> dict:
-  result_path = os.path.join(workdir, f"{precision}.npz")
+def _run_worker(model: str, precision: str, tiles_path: str, workdir: str,
+                name: str) -> dict:
+  result_path = os.path.join(workdir, f"{name}.npz")
   subprocess.run([sys.executable, "-m", "pipeline.cli.compare_precision", "--model", model,
                   "--precision", precision, "--worker_tiles", tiles_path,
                   "--worker_result", result_path], check=True)
@@ -117,8 +119,10 @@ def _run_worker(model: str, precision: str, tiles_path: str, workdir: str) -> di
     return {key: data[key] for key in data.files}
 
 
-def compare(model: str, precision: str, tiles: np.ndarray, class_names: list | None) -> dict:
-  """Runs float32 and `precision` on the same tiles in two processes and compares them.
+def compare(model: str, precision: str, tiles: np.ndarray, class_names: list | None,
+            other_model: str | None = None) -> dict:
+  """Runs float32 and `precision` on the same tiles in two processes and compares them;
+  with other_model (an optimized model), TensorFlow float32 of `model` against it.
 
   Without class names (or with too few), classes are named by index up to the largest id
   seen.
@@ -126,15 +130,18 @@ def compare(model: str, precision: str, tiles: np.ndarray, class_names: list | N
   with tempfile.TemporaryDirectory() as workdir:
     tiles_path = os.path.join(workdir, "tiles.npy")
     np.save(tiles_path, tiles)
-    reference = _run_worker(model, "float32", tiles_path, workdir)
-    other = _run_worker(model, precision, tiles_path, workdir)
+    reference = _run_worker(model, "float32", tiles_path, workdir, "reference")
+    other = _run_worker(other_model or model, "float32" if other_model else precision,
+                        tiles_path, workdir, "other")
   seen = int(max(reference["ids"].max(), other["ids"].max())) + 1
   if class_names is None or seen > len(class_names):  # names that do not fit are not used
     class_names = [f"class_{i}" for i in range(seen)]
   report = agreement_report(reference["ids"], other["ids"], reference["features"],
                             other["features"], class_names)
   report.update({
-      "precision": precision, "ran_at": str(other["precision"]), "tiles": int(len(tiles)), "tile_size": int(tiles.shape[1]),
+      "engine": str(other["engine"]),
+      "precision": str(other["precision"]) if other_model else precision,
+      "ran_at": str(other["precision"]), "tiles": int(len(tiles)), "tile_size": int(tiles.shape[1]),
       "float32_seconds_per_tile": float(reference["seconds_per_tile"]),
       "seconds_per_tile": float(other["seconds_per_tile"]),
       "speedup_over_float32": float(reference["seconds_per_tile"] /
@@ -144,7 +151,8 @@ def compare(model: str, precision: str, tiles: np.ndarray, class_names: list | N
 
 
 def print_report(report: dict) -> None:
-  print(f"precision {report['precision']} vs float32 on {report['tiles']} tiles of "
+  engine = "" if report.get("engine", "tensorflow") == "tensorflow" else "OpenVINO "
+  print(f"{engine}{report['precision']} vs TensorFlow float32 on {report['tiles']} tiles of "
         f"{report['tile_size']}px: {report['seconds_per_tile']:.3f} s/tile vs "
         f"{report['float32_seconds_per_tile']:.3f} (x{report['speedup_over_float32']:.2f})")
   print(f"pixel argmax agreement {report['pixel_agreement']:.4%}; pooled-feature cosine "

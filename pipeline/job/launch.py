@@ -3,6 +3,7 @@ runs the graph of graph.py and returns a RunSummary."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import sys
@@ -113,7 +114,10 @@ def _plan_lines(cfg: JobConfig) -> list:
              if total.expandable else "")
   return [
       f"hrnet-beam: model {model.handle}: {model.num_classes} classes ({model.labels.name}), "
-      f"{model.feature_dim} feature channels, precision {model.precision}",
+      f"{model.feature_dim} feature channels, " + (
+          f"precision {model.precision}" if model.engine == "tensorflow" else
+          f"OpenVINO {json.loads(model.manifest_json)['precision']} (optimized from "
+          f"{json.loads(model.manifest_json)['source_model']})"),
       f"hrnet-beam: {total.files} input files{expands}; rows to {cfg.output}-*.parquet, "
       f"errors to {cfg.errors_output}-*.jsonl"]
 

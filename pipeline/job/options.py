@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import os
 import re
@@ -469,6 +470,20 @@ def _check_writable(prefix: str, run_id: str) -> None:
                       f"{type(e).__name__}: {e}") from e
 
 
+def _check_optimized_shape(info, tiling: TilingConfig) -> None:
+  """An optimized model with a fixed input size serves only tiles of that size."""
+  if info.input_shape is None:
+    return
+  height, width = info.input_shape[1], info.input_shape[2]
+  if height == -1 and width == -1:
+    return
+  if tiling.grid == GRID_FIT or (height, width) != (tiling.tile_size, tiling.tile_size):
+    raise ConfigError(f"the optimized model takes only {height}x{width} inputs, but the job "
+                      f"cuts tiles of {'any size up to ' if tiling.grid == GRID_FIT else ''}"
+                      f"{tiling.tile_size}: optimize again (hrnet-beam optimize writes any "
+                      f"size), or run with --tile_grid fixed --tile_size {height}")
+
+
 def _polygons(options, outputs: tuple, run_id: str) -> tuple:
   """(GeoParquet prefix or None, PolygonConfig), checked."""
   if options.min_polygon_area < 0:
@@ -575,9 +590,11 @@ def job_config_from_options(options: HRNetOptions,
     mapping = parse_channel_mapping(options.channel_mapping or labels.channel_mapping or "rgb")
   except ValueError as e:
     raise ConfigError(f"--channel_mapping: {e}") from e
+  _check_optimized_shape(info, tiling)
   model = ModelConfig(handle, labels, info.feature_dim, info.has_fused_function,
                       options.model_cache_dir, mapping, options.precision,
-                      options.precision_fallback, info.scores_kind)
+                      options.precision_fallback, info.scores_kind, info.engine,
+                      json.dumps(info.manifest, sort_keys=True) if info.manifest else "")
   inference = InferenceConfig(
       outputs=outputs, min_batch_size=1,
       max_batch_size=max(options.batch_size, options.model_batch_size),

@@ -123,3 +123,32 @@ def test_render_writes_an_overlay_with_a_legend(tmp_path):
   picture = np.asarray(Image.open(paths[0]).convert("RGB"))
   assert picture.shape[0] >= 300 and picture.shape[1] > 400  # image plus legend
   assert not np.array_equal(picture[:300, :400], image)  # the mask is blended in
+
+
+def test_int8_openvino_demo_model_keeps_its_accuracy(held_out, tmp_path):
+  """The issue's targets on the trained model: int8 against TensorFlow float32 on
+  held-out scenes agrees on >= 99% of pixels, pooled cosine >= 0.9999, mIoU within 0.01."""
+  from pipeline.cli.compare_precision import cosine_similarities  # pylint: disable=import-outside-toplevel
+  from pipeline.cli.optimize import optimize  # pylint: disable=import-outside-toplevel
+  directory, truth = held_out
+  calibration = tmp_path / "calibration"
+  calibration.mkdir()
+  for seed in range(3):   # scenes of their own, not the held-out ones
+    save_image(calibration / f"c{seed}.png", scenes.generate_scene(512, 512, 100 + seed)[0])
+  optimize(DEMO_MODEL, "int8", [str(calibration / "*.png")], str(tmp_path / "int8"), 256, 64,
+           calibration_tiles=16, holdout_tiles=4)
+  rows = {}
+  for name, model in (("tf", DEMO_MODEL), ("int8", str(tmp_path / "int8"))):
+    run_job("--input", directory / "*.png", "--output", tmp_path / name / "rows", "--model",
+            model, "--tile_size", 256, "--tile_overlap", 64)
+    rows[name] = read_rows(tmp_path / name / "rows")
+  pixels = sum(np.count_nonzero(rows["tf"][s]["mask"] == rows["int8"][s]["mask"])
+               for s in truth)
+  assert pixels / sum(labels.size for _, labels in truth.values()) >= 0.99
+  cosines = cosine_similarities(
+      np.array([rows["tf"][s]["pooled_features"] for s in truth]),
+      np.array([rows["int8"][s]["pooled_features"] for s in truth]))
+  assert cosines.min() >= 0.9999, cosines
+  scores = {name: miou([(rows[name][s]["mask"], labels) for s, (_, labels) in truth.items()])
+            for name in rows}
+  assert abs(scores["tf"] - scores["int8"]) <= 0.01, scores

@@ -14,7 +14,10 @@ from transforms.inference.devices import prepare_devices
 from transforms.augmentation import Augmentation, scaled_side
 from transforms.inference.confidence import IGNORE_VALUE, LOGITS, scores_kind
 from transforms.inference.head import find_head, model_variables, probe_images
-from transforms.inference.precision import FLOAT32, apply_precision
+from transforms.inference.openvino_engine import (ENGINE_OPENVINO, ENGINE_TENSORFLOW,
+                                                  OpenVinoModule, effective_precision,
+                                                  is_optimized_dir, read_manifest)
+from transforms.inference.precision import FLOAT32, PrecisionUnsupportedError, apply_precision
 from transforms.inference.sources import (DEFAULT_CACHE_DIR, STAGING_HELP, ModelLoadError,
                                           resolve_model_dir)
 
@@ -49,6 +52,8 @@ class LoadedHRNet:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     self.handle = handle
     self.local_dir = local_dir
+    self.engine = ENGINE_TENSORFLOW
+    self.manifest = None
     self._precision = precision   # what really runs (after any fallback)
     self._id = uuid.uuid4().hex[:12]
     missing = [n for n in ("predict", "get_features") if not hasattr(module, n)]
@@ -298,17 +303,22 @@ def load_hrnet(handle: str, cache_dir: str = DEFAULT_CACHE_DIR, require_gpu: boo
   precision the hardware lacks raises PrecisionUnsupportedError or falls back to float32.
   """
   prepare_devices(require_gpu, *threads)
-  choice = apply_precision(precision, precision_fallback)
   preloaded = _PRELOADED.pop((handle, cache_dir, precision, precision_fallback), None)
   if preloaded is not None:
     logger.info("Using the model %s loaded by the pre-launch check", handle)
     return preloaded
   try:
     local_dir = resolve_model_dir(handle, cache_dir)
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
     started = time.monotonic()
-    module = tf.saved_model.load(local_dir)
-    model = LoadedHRNet(module, handle, local_dir, choice.effective)
+    if is_optimized_dir(local_dir):
+      model = _load_optimized(handle, local_dir, precision, precision_fallback, threads)
+    else:
+      choice = apply_precision(precision, precision_fallback)
+      import tensorflow as tf  # pylint: disable=import-outside-toplevel
+      module = tf.saved_model.load(local_dir)
+      model = LoadedHRNet(module, handle, local_dir, choice.effective)
+  except PrecisionUnsupportedError:
+    raise
   except ModelLoadError as e:
     raise ModelLoadError(f"Cannot load model {handle!r}: {e}. {STAGING_HELP}") from e
   except Exception as e:  # network, tarball and SavedModel errors come in many types
@@ -320,6 +330,24 @@ def load_hrnet(handle: str, cache_dir: str = DEFAULT_CACHE_DIR, require_gpu: boo
   return model
 
 
+def _load_optimized(handle: str, local_dir: str, precision: str, fallback: str,
+                    threads: tuple) -> LoadedHRNet:
+  """An optimized model (hrnet-beam optimize) on the OpenVINO engine: its precision is
+  its manifest's (bfloat16 may fall back to float32 as --precision does)."""
+  if precision != FLOAT32:
+    raise ModelLoadError(f"{handle} is an optimized model, whose precision was chosen when "
+                         f"it was optimized: drop --precision {precision}")
+  apply_precision(FLOAT32, fallback)   # TensorFlow still runs the post-processing
+  manifest = read_manifest(local_dir)
+  effective = effective_precision(manifest["precision"], fallback)
+  model = LoadedHRNet(OpenVinoModule(local_dir, effective, threads[0]), handle, local_dir,
+                      effective)
+  model.engine = ENGINE_OPENVINO
+  model.manifest = manifest
+  model.single_pass = f"OpenVINO IR ({manifest.get('one_pass', 'one pass')})"
+  return model
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
   num_classes: int
@@ -327,6 +355,9 @@ class ModelInfo:
   has_fused_function: bool
   local_dir: str
   scores_kind: str = LOGITS    # what predict returns: probabilities or logits
+  engine: str = ENGINE_TENSORFLOW
+  manifest: Optional[dict] = None   # an optimized model's (openvino_engine.py)
+  input_shape: Optional[tuple] = None   # an optimized model's (B, H, W, C); -1: any
 
 
 def inspect_model(handle: str, cache_dir: str = DEFAULT_CACHE_DIR,
@@ -346,5 +377,9 @@ def inspect_model(handle: str, cache_dir: str = DEFAULT_CACHE_DIR,
                          "HRNet features are at 1/4 resolution")
   if keep_for_local_worker:
     _PRELOADED[(handle, cache_dir, precision, precision_fallback)] = model
+  shape = None
+  if model.engine == ENGINE_OPENVINO:
+    shape = tuple(-1 if d.is_dynamic else d.get_length()
+                  for d in model._module.input_shape)  # pylint: disable=protected-access
   return ModelInfo(num_classes, feature_dim, model.has_fused_function, model.local_dir,
-                   model.scores_kind)
+                   model.scores_kind, model.engine, model.manifest, shape)

@@ -37,12 +37,13 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
 
 
 def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model_handle: str,
-                          num_classes: int, inference: InferenceConfig) -> Segmentation:
+                          num_classes: int, inference: InferenceConfig,
+                          engine: str = "tensorflow") -> Segmentation:
   """One row from all of an image's tile results (none failed)."""
   mask_png = class_counts = pooled = None
   counted = sum((p.spec.own_y1 - p.spec.own_y0) * (p.spec.own_x1 - p.spec.own_x0)
                 if p.counted_pixels is None else p.counted_pixels for p in parts)
-  qa = {"augmentation": inference.augmentation.describe()}
+  qa = {"augmentation": inference.augmentation.describe(), "engine": engine}
   if inference.want_masks:
     mask = stitch_mask(image.height, image.width, [(p.spec, p.class_ids) for p in parts])
     counts = np.bincount(mask.ravel(), minlength=NODATA_CLASS + 1)
@@ -140,7 +141,7 @@ class _StitchFn(beam.DoFn):
     try:
       row = assemble_segmentation(image, sorted(parts, key=lambda p: p.spec.index),
                                   self._model.handle, self._model.num_classes,
-                                  self._inference)
+                                  self._inference, self._model.engine)
     except Exception as e:  # pylint: disable=broad-except
       self._errors.inc()
       self._progress.add(done=1, errors=1, tiles=len(parts))

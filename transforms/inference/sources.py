@@ -70,6 +70,9 @@ def _copy_remote_model(uri: str, cache_dir: str) -> str:
   return dest
 
 
+OPTIMIZED_MANIFEST = "hrnet_beam_openvino.json"   # an optimized model (openvino_engine.py)
+
+
 def resolve_model_dir(handle: str, cache_dir: str = DEFAULT_CACHE_DIR) -> str:
   """A local SavedModel directory for a TF Hub handle, a gs:// directory or a local one."""
   if is_hub_handle(handle):
@@ -81,6 +84,8 @@ def resolve_model_dir(handle: str, cache_dir: str = DEFAULT_CACHE_DIR) -> str:
     return _copy_remote_model(handle, cache_dir)
   if not os.path.isdir(handle):
     raise ModelLoadError(f"{handle} is not a directory")
-  if not os.path.exists(os.path.join(handle, "saved_model.pb")):
-    raise ModelLoadError(f"{handle} has no saved_model.pb: not a SavedModel directory")
+  if not os.path.exists(os.path.join(handle, "saved_model.pb")) and not os.path.exists(
+      os.path.join(handle, OPTIMIZED_MANIFEST)):
+    raise ModelLoadError(f"{handle} has no saved_model.pb: not a SavedModel directory "
+                         f"(nor an optimized model: no {OPTIMIZED_MANIFEST})")
   return handle

@@ -44,6 +44,7 @@ _FIELDS = [
     pa.field("confidence_png", pa.binary()),
     pa.field("pseudo_label_png", pa.binary()),
     pa.field("augmentation", pa.string(), nullable=False),
+    pa.field("engine", pa.string(), nullable=False),
 ]
 
 
@@ -66,6 +67,8 @@ def segmentation_schema(model: ModelConfig, tiling: TilingConfig,
       "hrnet_beam.tile_grid": tiling.grid,
       "hrnet_beam.outputs": ",".join(inference.outputs),
       "hrnet_beam.channel_mapping": model.channel_mapping,
+      "hrnet_beam.engine": model.engine,
+      "hrnet_beam.optimized_model_manifest": model.manifest_json,
       "hrnet_beam.precision_requested": model.precision,
       "hrnet_beam.precision_fallback": model.precision_fallback,
       "hrnet_beam.precision_note": "each row's precision column says what its model ran at",
