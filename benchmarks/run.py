@@ -12,7 +12,10 @@ on the same inputs, each mode in its own process (so peak RSS is its own):
 - pipeline_tta_flip: the pipeline with --tta flip (two model passes per tile).
 With --precisions bfloat16 (the default) or float16, limit and pipeline run again at that
 precision where the hardware has it, beside float32, with the agreement measured by
-hrnet-beam compare-precision; where it lacks it, the report says why instead.
+hrnet-beam compare-precision; where it lacks it, the report says why instead. With
+--openvino float32,bfloat16,int8 (the default), the model is optimized at each and
+limit and pipeline run on the OpenVINO engine, against the TensorFlow float32 limit;
+their agreement is measured on the trained demo model (W48's random weights tie).
 Full mode uses HRNetV2-W48 (for people: tens of minutes on 2 cores); --quick uses a
 reduced W8 on small images (a couple of minutes, for CI).
 """
@@ -95,7 +98,8 @@ def mode_limit(model: str, images: list, precision: str = "float32") -> dict:
     if best is None or seconds < best["seconds"]:
       best = {"seconds": seconds, "batch_size": batch}
   return {**best, "tiles": sum(len(s) for s in stacks), "images": len(images),
-          "tile_shapes": sorted({s.shape[1:3] for s in stacks})}
+          "tile_shapes": sorted({s.shape[1:3] for s in stacks}),
+          "ran_at": model.precision(), "engine": model.engine}
 
 
 def mode_pipeline(model: str, images: list, workdir: str, precision: str = "float32",
@@ -136,10 +140,11 @@ def mode_naive(model: str, images: list, workdir: str) -> dict:
   return {"seconds": time.perf_counter() - started, "images": len(images)}
 
 
-def _run_mode(mode: str, args, precision: str = "float32") -> dict:
+def _run_mode(mode: str, args, precision: str = "float32", model: str | None = None) -> dict:
   command = [sys.executable, "-m", "benchmarks.run", "--mode", mode, "--workdir",
              args.workdir, "--count", str(args.count), "--big", str(args.big),
-             "--precision", precision] + (["--quick"] if args.quick else [])
+             "--precision", precision] + (["--quick"] if args.quick else []) + (
+                 ["--model", model] if model else [])
   output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
   return json.loads(output.strip().splitlines()[-1])
 
@@ -182,6 +187,79 @@ def _precisions(args, model: str, images: list, float32_results: dict) -> dict:
   return reports
 
 
+def _demo_agreement(precision: str, workdir: str) -> dict:
+  """The trained demo model optimized at `precision` against its TensorFlow float32, on
+  tiles of held-out synthetic scenes (random-weight models tie too often to judge)."""
+  # pylint: disable=import-outside-toplevel
+  from PIL import Image
+  from pipeline.cli.optimize import optimize
+  from pipeline.standin.scenes import generate_scene
+  directory = os.path.join(workdir, "demo-scenes")
+  os.makedirs(directory, exist_ok=True)
+  for i in range(6):   # calibration scenes first, held-out ones (seeds < 100) last
+    seed = 200 + i if i < 4 else 11 + i
+    path = os.path.join(directory, f"{i}.png")
+    if not os.path.exists(path):
+      Image.fromarray(generate_scene(512, 512, seed)[0]).save(path)
+  demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "models", "demo")
+  report = optimize(demo, precision, [os.path.join(directory, "*.png")],
+                    os.path.join(workdir, f"demo-openvino-{precision}"), 256, 64,
+                    calibration_tiles=16, holdout_tiles=8)
+  return {k: report[k] for k in ("pixel_agreement", "feature_cosine_mean",
+                                 "feature_cosine_min", "iou_per_class", "ran_at")}
+
+
+def _openvino(args, model: str, images: list, float32_results: dict) -> dict:
+  """Limit and pipeline on the OpenVINO engine at each precision, against the TensorFlow
+  float32 limit of this run; agreement measured on the trained demo model."""
+  # pylint: disable=import-outside-toplevel
+  import logging
+  import nncf
+  from pipeline.cli.optimize import optimize
+  nncf.set_log_level(logging.ERROR)
+  reports = {}
+  limit32 = float32_results["limit"]["tiles_per_s"]
+  from transforms.inference.openvino_engine import BFLOAT16, bf16_unsupported_reason
+  from transforms.inference.precision import read_cpu_flags
+  for precision in [p.strip() for p in args.openvino.split(",") if p.strip()]:
+    reason = bf16_unsupported_reason(read_cpu_flags()) if precision == BFLOAT16 else None
+    if reason is not None:
+      reports[precision] = {"unsupported": reason}
+      print(f"openvino {precision}: not measured on this machine: {reason}")
+      continue
+    directory = os.path.join(args.workdir, f"openvino-{precision}-"
+                             f"{'quick' if args.quick else 'w48'}")
+    started = time.perf_counter()
+    # Speed only on this random-weight model: the quick bias correction is enough.
+    optimize(model, precision, images, directory, TILE, OVERLAP,
+             calibration_tiles=4 if args.quick else 16, holdout_tiles=1,
+             fast_bias_correction=True)
+    optimize_seconds = time.perf_counter() - started
+    limit = _run_mode("limit", args, model=directory)
+    pipeline = _run_mode("pipeline", args, model=directory)
+    entry = {
+        "ran_at": limit.get("ran_at"),
+        "optimize_seconds": optimize_seconds,
+        "limit_tiles_per_s": limit["tiles"] / limit["seconds"],
+        "pipeline_tiles_per_s": pipeline["tiles"] / pipeline["seconds"],
+        "pipeline_images_per_s": pipeline["images"] / pipeline["seconds"],
+        "pipeline_peak_rss_bytes": pipeline["peak_rss_bytes"],
+        "demo_model_agreement": _demo_agreement(precision, args.workdir),
+    }
+    entry["limit_over_tensorflow_float32_limit"] = entry["limit_tiles_per_s"] / limit32
+    entry["pipeline_over_tensorflow_float32_limit"] = entry["pipeline_tiles_per_s"] / limit32
+    reports[precision] = entry
+    agreement = entry["demo_model_agreement"]
+    print(f"openvino {precision:9}limit {entry['limit_tiles_per_s']:.2f} tiles/s "
+          f"(x{entry['limit_over_tensorflow_float32_limit']:.2f} TF float32 limit), pipeline "
+          f"{entry['pipeline_tiles_per_s']:.2f} tiles/s "
+          f"(x{entry['pipeline_over_tensorflow_float32_limit']:.2f}); demo model: "
+          f"argmax agreement {agreement['pixel_agreement']:.2%}, pooled cosine min "
+          f"{agreement['feature_cosine_min']:.6f}")
+  return reports
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
@@ -195,6 +273,9 @@ def main(argv=None) -> int:
   parser.add_argument("--mode", choices=MODES, default=None,
                       help=argparse.SUPPRESS)  # one measurement, in a child process
   parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
+  parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--openvino", default="float32,bfloat16,int8",
+                      help="OpenVINO precisions measured beside TensorFlow ('' for none)")
   args = parser.parse_args(argv)
   if not args.mode:   # the children's stderr goes through the parent's filter
     from pipeline.cli import console  # pylint: disable=import-outside-toplevel
@@ -202,7 +283,7 @@ def main(argv=None) -> int:
   images = _images(os.path.join(args.workdir, "images-quick" if args.quick else
                                 f"images-{args.count}-{args.big}"),
                    args.quick, args.count, args.big)
-  model = _model(args.workdir, args.quick)
+  model = args.model or _model(args.workdir, args.quick)
   if args.mode:
     result = {"limit": lambda: mode_limit(model, images, args.precision),
               "pipeline": lambda: mode_pipeline(model, images, args.workdir, args.precision),
@@ -240,6 +321,7 @@ def main(argv=None) -> int:
         f"pipeline/naive (images/s): {report['pipeline_over_naive']:.2f}   "
         f"--tta flip/pipeline: {report['tta_flip_over_pipeline']:.2f}")
   report["precisions"] = _precisions(args, model, images, results)
+  report["openvino"] = _openvino(args, model, images, results)
   with open(args.report, "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
   print(f"Report: {args.report}")
