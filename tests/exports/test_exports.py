@@ -185,7 +185,8 @@ def test_export_streams_rows_with_bounded_memory(tmp_path):
     for start in range(0, 1000, 200):
       batch = [{"image_id": f"/data/img{i:05d}.png", "source": f"/data/img{i:05d}.png",
                 "height": 256, "width": 256, "mask_png": masks[i % 8], "model": "synthetic",
-                "precision": "float32", "valid_pixels": 65536, "augmentation": "none"}
+                "precision": "float32", "valid_pixels": 65536, "augmentation": "none",
+                "engine": "tensorflow"}
                for i in range(start, start + 200)]
       writer.write_table(pa.Table.from_pylist(batch, schema=schema))
   tracemalloc.start()
