@@ -72,7 +72,10 @@ def test_dockerfile_agrees_with_setup_and_the_installed_beam():
   assert "COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam" in dockerfile
   assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in dockerfile
   install = re.search(r"RUN pip install --no-cache-dir (.*)", dockerfile).group(1)
-  assert install.split()[0] == "." and f'"tensorflow[and-cuda]=={tf_pin}"' in install
+  # The package with its optimize extra: the CPU worker image gets openvino and nncf.
+  assert install.split()[0] == '".[optimize]"'
+  assert f'"tensorflow[and-cuda]=={tf_pin}"' in install
+  assert re.search(r'OPTIMIZE = \["nncf==[\d.]+"\]', setup) and '"openvino==' in setup
   with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
     readme = f.read()
   image = _flag(_readme_gpu_command(), "--sdk_container_image")[0]
