@@ -167,3 +167,14 @@ def test_optimize_command_to_gcs_and_the_job_from_there(tiny_model, images, buck
                                    "--tile_size", TILE), capture_output=True, text=True,
                         check=False)
   assert done.returncode == 2 and "lower --calibration_tiles" in done.stderr
+
+
+def test_optimize_converts_the_head_found_in_a_hub_style_model(tiny_model_unfused, images,
+                                                                tmp_path):
+  """Models with only predict and get_features (as on TF Hub) convert as one pass too:
+  get_features and the head found among their variables."""
+  report = optimize(tiny_model_unfused, "float32", [str(images / "*.png")],
+                    str(tmp_path / "unfused"), TILE, OVERLAP, holdout_tiles=2)
+  manifest = read_manifest(str(tmp_path / "unfused"))
+  assert manifest["one_pass"] != "two passes" and "head" in manifest["one_pass"]
+  assert report["pixel_agreement"] > 0.999 and report["feature_cosine_min"] > 0.99999
