@@ -48,7 +48,6 @@ def _decode_png(data: Optional[bytes]) -> Optional[np.ndarray]:
   return None if data is None else np.asarray(Image.open(io.BytesIO(data)))
 
 
-
 def _feature(part: PolygonPart, context: tuple, config: PolygonConfig,
              class_names: tuple) -> Optional[PolygonFeature]:
   image_id, source, crs_wkt, crs_epsg, transform = context
