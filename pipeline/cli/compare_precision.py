@@ -72,7 +72,7 @@ def model_tiles(patterns: list, tile_size: int, overlap: int, max_tiles: int,
   """Up to max_tiles model-ready tiles (float32, mapped channels) of the matched images."""
   # pylint: disable=import-outside-toplevel
   from apache_beam.io.filesystems import FileSystems
-  from transforms.reading.decode import decode_image
+  from transforms.reading.decode import DecodeError, decode_image
   from transforms.tiling.channels import map_channels, to_unit_float
   from transforms.tiling.grid import cut_tile, tile_grid
   paths = sorted(m.path for result in FileSystems.match(patterns) for m in result.metadata_list)
@@ -80,8 +80,12 @@ def model_tiles(patterns: list, tile_size: int, overlap: int, max_tiles: int,
     raise SystemExit(f"--input {patterns} matches no file")
   tiles = []
   for path in paths:
-    with FileSystems.open(path) as f:
-      pixels = decode_image(f.read(), 10**9)
+    try:
+      with FileSystems.open(path) as f:
+        pixels = decode_image(f.read(), 10**9)
+    except DecodeError as e:   # a bad file among the images is skipped, as the job does
+      logger.warning("Skipping %s: %s", path, e)
+      continue
     # Full-size tiles: one shape to stack, and the speed of the --tile_size call.
     for spec in tile_grid(*pixels.shape[:2], tile_size, overlap, fit=False):
       tiles.append(map_channels(to_unit_float(cut_tile(pixels, spec)),
