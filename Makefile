@@ -11,7 +11,7 @@ DATUMARO_PIN := datumaro==1.13.12
 DATUMARO_STAMP := $(DATUMARO)/.installed-$(DATUMARO_PIN)
 DEMO := demo-output
 
-.PHONY: venv demo test bench bench-quick bench-many clean
+.PHONY: venv browser demo test bench bench-quick bench-many clean
 
 $(STAMP): setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,8 +39,15 @@ demo: $(STAMP)
 	$(BIN)/hrnet-beam render $(DEMO)/out/segmentations --out $(DEMO)/out/overlays
 	$(BIN)/hrnet-beam export --format coco $(DEMO)/out/segmentations --to $(DEMO)/out/coco
 
-test: $(STAMP) $(DATUMARO_STAMP)
-	$(BIN)/python -m pytest -q tests
+# The web page's test drives Debian's headless Chromium through its ChromeDriver.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "make test needs Debian's chromium and chromium-driver: sudo apt-get install chromium chromium-driver"; exit 1; fi; }
+
+test: $(STAMP) $(DATUMARO_STAMP) browser
+	HRNET_BEAM_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q tests
 
 # The full benchmark (HRNetV2-W48; tens of minutes on 2 cores) and its CI smoke version.
 bench: $(STAMP)

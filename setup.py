@@ -19,6 +19,7 @@ REQUIRED = [
     "pyproj==3.7.2",    # CRS as PROJJSON in GeoParquet metadata, units for areas
     "pycocotools==2.0.11",   # COCO RLE (hrnet-beam export)
     "openvino==2026.4.1",    # the OpenVINO engine for optimized models
+    "faiss-cpu==1.15.1",     # the vector index (hrnet-beam index, search, serve)
 ]
 
 # hrnet-beam optimize quantizes with NNCF (it brings scipy and scikit-learn: workers
@@ -34,13 +35,16 @@ setuptools.setup(
                                                "transforms.*", "benchmarks"]),
     # Data the job and the commands read at run time: in the wheel and in the sdist
     # that --setup_file ships to Dataflow workers (tests/cli/test_packaging.py checks).
-    package_data={"transforms": ["model_labels/*.json"], "pipeline.standin": ["*.json"]},
+    package_data={"transforms": ["model_labels/*.json"], "pipeline.standin": ["*.json"],
+                  "transforms.serving": ["static/*.html"]},
     install_requires=REQUIRED,
     entry_points={"console_scripts": ["hrnet-beam = pipeline.cli:main"]},
     extras_require={"optimize": OPTIMIZE,
                     "test": OPTIMIZE + ["pytest==9.2.0", "hypothesis==6.170.15",
                              "gcp-storage-emulator==2026.7.19", "pandas==2.3.3",
                              "duckdb==1.5.5", "duckdb-extension-spatial==1.5.5",
+                             "duckdb-extension-vss==1.5.5", "lancedb==0.40.0",
+                             "selenium==4.51.0",
                              "geopandas==1.2.0",
                              # Export formats decoded by their own ecosystem's readers
                              # (datumaro, for CVAT, lives in .venv-datumaro: Makefile):

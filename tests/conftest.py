@@ -66,6 +66,20 @@ def hrnet_beam(*args):
   return [os.path.join(os.path.dirname(sys.executable), "hrnet-beam"), *map(str, args)]
 
 
+def duckdb_with(*extensions):
+  """DuckDB with extensions (spatial, vss) from their PyPI packages: no download."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  import duckdb  # pylint: disable=import-outside-toplevel
+  con = duckdb.connect()
+  for name in extensions:
+    package = importlib.import_module(f"duckdb_extension_{name}")
+    path = os.path.join(os.path.dirname(package.__file__), "extensions",
+                        f"v{duckdb.__version__}", f"{name}.duckdb_extension")
+    con.execute(f"INSTALL '{path}'")
+    con.execute(f"LOAD {name}")
+  return con
+
+
 def run_job(*args):
   """Runs the job in this process on the local runner; returns its RunSummary."""
   from pipeline.job import run  # pylint: disable=import-outside-toplevel

@@ -69,6 +69,7 @@ class InferenceConfig:
   confidence_threshold: float = 0.5     # pixels below it count in low_confidence_fraction
   ignore_below: float | None = None     # pseudo-label masks: IGNORE_VALUE below this
   augmentation: Augmentation = Augmentation()   # test-time augmentation (--tta)
+  patch_size: int | None = None         # patch embeddings pooled where the model runs
 
   @property
   def want_masks(self) -> bool:

@@ -112,6 +112,9 @@ class TileResult:
   class_confidence_sums: Optional[np.ndarray] = None   # (classes,) float64
   confidence: Optional[np.ndarray] = None      # (own_h, own_w) uint8, when asked for
   pseudo_labels: Optional[np.ndarray] = None   # (own_h, own_w) uint8, when asked for
+  patch_keys: Optional[tuple] = None           # (row, col) of the patches the box meets
+  patch_counts: Optional[np.ndarray] = None    # (slots,) valid owned pixels per patch
+  patch_sums: Optional[np.ndarray] = None      # (slots, feature_dim) float64 feature sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +145,46 @@ class Segmentation:
   pseudo_label_png: Optional[bytes] = None      # mask with IGNORE_VALUE (--ignore_below)
   augmentation: str = "none"                    # test-time augmentation (Augmentation.describe)
   engine: str = "tensorflow"                    # or openvino (an optimized model)
+  class_fractions: Optional[dict] = None        # class name -> share of valid pixels
+  patches: Optional[tuple] = None               # PatchParts (--patch_output); not a column
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchPart:
+  """A patch of the grid aligned to the raster, as far as one row saw it: its box
+  (y0, y1, x0, x1) in raster pixels, its valid pixels and their feature sum. complete is
+  False where the patch crosses a raster block's edge and other blocks hold the rest."""
+  row: int
+  column: int
+  box: tuple
+  valid_pixels: int
+  feature_sum: np.ndarray             # (feature_dim,) float64
+  class_counts: Optional[tuple]       # valid pixels per class, from the mask
+  complete: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchEmbedding:
+  """One output row of --patch_output: a patch's mean feature over its valid pixels,
+  its box in raster pixels (half-open) and its footprint (pixel coordinates for
+  plain images)."""
+  image_id: str                     # the row's image_id; a raster's URI for its blocks
+  source: str
+  patch_row: int
+  patch_col: int
+  y0: int
+  x0: int
+  y1: int
+  x1: int
+  valid_pixels: int
+  embedding: list                   # (feature_dim,) float32
+  class_fractions: Optional[dict]
+  class_counts: Optional[list]
+  model: str
+  geometry: bytes                   # WKB footprint polygon
+  bbox: dict
+  crs_key: str
+  crs_wkt: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)

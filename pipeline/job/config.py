@@ -29,6 +29,7 @@ class JobConfig:
   mask_geotiff_dir: str | None = None   # where georeferenced masks go as COGs
   polygons_output: str | None = None    # GeoParquet prefix for polygons (--polygons_output)
   polygons: PolygonConfig = PolygonConfig()
+  patch_output: str | None = None       # GeoParquet prefix for patch embeddings
   store_confidence: bool = True         # False: confidence maps were computed for the
                                         # polygons only and stay out of the Parquet rows
   input_total: ProgressTotal = ProgressTotal(0, 0)   # what the pre-launch match found

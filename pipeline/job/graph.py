@@ -7,10 +7,11 @@ import apache_beam as beam
 
 from pipeline.job.config import JobConfig
 from transforms.config import OUTPUT_CONFIDENCE
+from transforms.embeddings import EmbedPatches
 from transforms.inference import SegmentImages
 from transforms.polygons import PolygonizeMasks
 from transforms.reading import ReadImages
-from transforms.writing import (WriteErrors, WriteMaskGeoTiffs, WritePolygons,
+from transforms.writing import (WriteErrors, WriteMaskGeoTiffs, WritePatches, WritePolygons,
                                 WriteSegmentations, segmentation_schema)
 
 
@@ -30,6 +31,12 @@ def build_pipeline(p: beam.Pipeline, cfg: JobConfig) -> None:
          | "WritePolygons" >> WritePolygons(cfg.polygons_output, cfg.run_id,
                                             cfg.model.handle, cfg.model.labels.class_names,
                                             cfg.polygons))
+  if cfg.patch_output:
+    _ = (rows
+         | "EmbedPatches" >> EmbedPatches(cfg.model.labels.class_names)
+         | "WritePatches" >> WritePatches(cfg.patch_output, cfg.run_id, cfg.model,
+                                          cfg.model.labels.class_names,
+                                          cfg.inference.patch_size))
   inference = cfg.inference
   if not cfg.store_confidence:
     rows = rows | "DropConfidence" >> beam.Map(

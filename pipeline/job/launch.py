@@ -52,6 +52,9 @@ class RunSummary:
       failed = self.metrics.get("polygons_failed", 0)
       text += (f"  Polygons: {self.metrics.get('polygons', 0)} in {cfg.polygons_output}-*.parquet"
                + (f" ({failed} rows' polygons failed: see the warnings)" if failed else ""))
+    if cfg.patch_output:
+      text += (f"  Patches: {self.metrics.get('patches', 0)} in "
+               f"{cfg.patch_output}-*.parquet")
     return f"{text}  FAILED: {self.failure}" if self.failure else text
 
 

@@ -31,6 +31,7 @@ from transforms.inference.precision import (FALLBACKS, FLOAT32, PRECISIONS,
                                   PrecisionUnsupportedError)
 from transforms.tiling.channels import parse_channel_mapping
 from transforms.tiling.grid import ALIGNMENT
+from transforms.embeddings.patches import MIN_PATCH_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +226,19 @@ class HRNetOptions(PipelineOptions):
         help="With --polygons_output: regions under this many pixels first take the class "
              "of their largest neighbour (GDAL's sieve); nodata is never filled. "
              "Polygons only: the mask in the rows is unchanged.")
+
+    groups["outputs"].add_argument(
+        "--patch_output", default=None,
+        help="Also write patch embeddings as GeoParquet 1.1 (local or gs://): one row per "
+             "cell of a --patch_size grid aligned to each image's top-left corner, with "
+             "the mean feature over its valid pixels, its class fractions and its "
+             "footprint; files <prefix>-<crs>-<run_id>-SSSSS-of-NNNNN.parquet, one set per "
+             "CRS. A prefix ending in '/' is a directory: files are named patches-... "
+             "there. Needs features.")
+    groups["outputs"].add_argument(
+        "--patch_size", type=int, default=256,
+        help=f"With --patch_output: the patches' side in pixels (>= {MIN_PATCH_SIZE}), "
+             "independent of the tiles.")
 
     groups["robustness"].add_argument(
         "--skip_existing", action="store_true", default=False,
@@ -500,12 +514,31 @@ def _polygons(options, outputs: tuple, run_id: str) -> tuple:
       raise ConfigError("--min_polygon_area, --simplify_tolerance and --polygon_denoise "
                         "shape polygons: add --polygons_output PREFIX")
     return None, config
-  if OUTPUT_MASKS not in outputs:
-    raise ConfigError("--polygons_output needs masks: add 'masks' to --outputs")
+  return _extra_output("polygons_output", prefix, "polygons", OUTPUT_MASKS, outputs,
+                       run_id), config
+
+
+def _extra_output(flag: str, prefix: str, name: str, needs: str, outputs: tuple,
+                  run_id: str) -> str:
+  """A GeoParquet prefix checked: what it needs is computed, and it can be written; a
+  directory gets files named `name-...`."""
+  if needs not in outputs:
+    raise ConfigError(f"--{flag} needs {needs}: add '{needs}' to --outputs")
   if _is_directory(prefix):
-    prefix = prefix.rstrip("/") + "/polygons"
+    prefix = prefix.rstrip("/") + "/" + name
   _check_writable(prefix, run_id)
-  return prefix, config
+  return prefix
+
+
+def _patches(options, outputs: tuple, run_id: str) -> tuple:
+  """(GeoParquet prefix or None, patch size or None), checked."""
+  if options.patch_size < MIN_PATCH_SIZE:
+    raise ConfigError(f"--patch_size {options.patch_size}: use pixels >= {MIN_PATCH_SIZE}")
+  prefix = options.patch_output
+  if not prefix:
+    return None, None
+  return (_extra_output("patch_output", prefix, "patches", OUTPUT_FEATURES, outputs, run_id),
+          options.patch_size)
 
 
 def _asks_for_gpu(options: HRNetOptions) -> bool:
@@ -558,6 +591,7 @@ def job_config_from_options(options: HRNetOptions,
       raise ConfigError("--mask_geotiff_dir needs masks: add 'masks' to --outputs")
     _check_writable(options.mask_geotiff_dir.rstrip("/") + "/mask", run_id)
   polygons_output, polygons = _polygons(options, outputs, run_id)
+  patch_output, patch_size = _patches(options, outputs, run_id)
   store_confidence = OUTPUT_CONFIDENCE in outputs
   if polygons_output:   # polygons carry their mean confidence: maps are computed
     outputs = tuple(o for o in (OUTPUT_MASKS, OUTPUT_FEATURES, OUTPUT_CONFIDENCE)
@@ -603,7 +637,7 @@ def job_config_from_options(options: HRNetOptions,
       model_copies=options.model_copies, max_error_fraction=options.max_error_fraction,
       require_gpu=_asks_for_gpu(options), intra_op_threads=threads[0],
       inter_op_threads=threads[1], confidence_threshold=options.confidence_threshold,
-      ignore_below=options.ignore_below, augmentation=augmentation)
+      ignore_below=options.ignore_below, augmentation=augmentation, patch_size=patch_size)
   return JobConfig(
       input_patterns=tuple(options.input), output=rows_prefix, errors_output=errors_prefix,
       decode=decode,
@@ -613,5 +647,6 @@ def job_config_from_options(options: HRNetOptions,
       max_error_fraction=options.max_error_fraction,
       mask_geotiff_dir=options.mask_geotiff_dir, input_total=input_total,
       polygons_output=polygons_output, polygons=polygons, store_confidence=store_confidence,
+      patch_output=patch_output,
       progress=ProgressConfig(log_interval_s=options.progress_interval),
       progress_mode=options.progress)

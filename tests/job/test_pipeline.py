@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
@@ -113,7 +114,11 @@ def test_file_metadata_lets_a_reader_interpret_rows(mixed_run):
   assert meta["hrnet_beam.feature_dim"] == str(15 * TINY_WIDTH)
   assert (meta["hrnet_beam.tile_size"], meta["hrnet_beam.tile_overlap"]) == ("256", "64")
   assert str(schema.field("height").type) == "int32"
-  assert str(schema.field("pooled_features").type) == "list<item: float>"
+  vector = schema.field("pooled_features")
+  assert vector.type == pa.list_(pa.float32(), 15 * TINY_WIDTH) and not vector.nullable
+  assert vector.metadata[b"hrnet_beam.model"].decode() == mixed_run["model"]
+  assert [f.name for f in schema.field("class_fractions").type] == [
+      c["name"] for c in labels["classes"]]
 
 
 def test_model_loaded_once_for_the_whole_run(mixed_run):

@@ -3,7 +3,6 @@ import glob
 import json
 import os
 
-import duckdb
 import geopandas
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,7 +11,7 @@ import shapely
 from rasterio.features import rasterize
 from shapely import wkb
 
-from conftest import read_rows, run_job, save_image, textured_image
+from conftest import duckdb_with, read_rows, run_job, save_image, textured_image
 from inputs import TRANSFORM, write_geotiff
 from pipeline.job.config import ConfigError
 from transforms.types import NODATA_CLASS
@@ -22,14 +21,7 @@ PIXEL_M = 0.25   # TRANSFORM's pixel size in metres
 
 
 def _duckdb():
-  """DuckDB with the spatial extension from its PyPI package (no download)."""
-  import duckdb_extension_spatial  # pylint: disable=import-outside-toplevel
-  path = os.path.join(os.path.dirname(duckdb_extension_spatial.__file__), "extensions",
-                      f"v{duckdb.__version__}", "spatial.duckdb_extension")
-  con = duckdb.connect()
-  con.execute(f"INSTALL '{path}'")
-  con.execute("LOAD spatial")
-  return con
+  return duckdb_with("spatial")
 
 
 def _inputs(directory):

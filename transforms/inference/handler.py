@@ -14,6 +14,7 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.config import InferenceConfig, ModelConfig
+from transforms.embeddings.patches import patch_slots, tile_patch_weights
 from transforms.inference.confidence import QA_SUMS
 from transforms.inference.model import FEATURE_STRIDE, LoadedHRNet, TileOutputs, load_hrnet
 from transforms.metrics import METRICS_NAMESPACE
@@ -129,6 +130,8 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
                  for tile, (y0, y1, x0, x1) in zip(tiles, boxes)]
     needed = [i for i, valid in enumerate(valid_own) if valid is None or valid.any()]
     outputs = TileOutputs()
+    patch_size = self._inference.patch_size if self._inference.want_features else None
+    patch_keys, patch_counts = {}, None
     if needed:
       # Every call has the same shape for a tile shape: `call_size` tiles, padded.
       height, width = tiles[0].spec.height, tiles[0].spec.width
@@ -136,7 +139,14 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
       images = np.zeros((self._call_size, height, width, 3), np.float32)
       weights = np.zeros((self._call_size, *cells), np.float32)
       pixel_weights = np.zeros((self._call_size, height, width), np.float32)
+      patch_weights = None
+      if patch_size:
+        patch_weights = np.zeros((self._call_size, patch_slots(height, width, patch_size),
+                                  *cells), np.float32)
       for slot, i in enumerate(needed):
+        if patch_size:
+          patch_keys[i], patch_weights[slot] = tile_patch_weights(
+              tiles[i].image, tiles[i].spec, patch_size, FEATURE_STRIDE, tiles[i].valid)
         images[slot] = map_channels(to_unit_float(tiles[i].pixels),
                                     self._model_config.channel_mapping)
         weights[slot] = cell_weight_map(boxes[i], FEATURE_STRIDE, cells, tiles[i].valid)
@@ -147,7 +157,9 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
                                   self._inference.confidence_threshold,
                                   self._inference.ignore_below,
                                   self._inference.augmentation,
-                                  self._inference.want_confidence)
+                                  self._inference.want_confidence, patch_weights)
+      if patch_size:
+        patch_counts = patch_weights.sum(axis=(2, 3))
     counters = self._counters()
     counters["inferred"].inc(len(needed))
     counters["nodata"].inc(len(tiles) - len(needed))
@@ -158,6 +170,11 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
       box, valid, slot = boxes[i], valid_own[i], slot_of.get(i)
       y0, y1, x0, x1 = box
       ids = feature_sum = qa = class_confidence = confidence = pseudo = None
+      patches = {}
+      if slot is not None and outputs.patch_features is not None:
+        keys = patch_keys[i]
+        patches = dict(patch_keys=tuple(keys), patch_counts=patch_counts[slot, :len(keys)],
+                       patch_sums=outputs.patch_features[slot, :len(keys)].astype(np.float64))
       want_maps = self._inference.want_confidence, self._inference.ignore_below is not None
       if slot is None:  # nothing but nodata here: the model is not asked
         if self._inference.want_masks:
@@ -189,5 +206,5 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
           tile.image, tile.spec, class_ids=ids, feature_sum=feature_sum, precision=precision,
           counted_pixels=None if valid is None else int(np.count_nonzero(valid)),
           qa_sums=qa, class_confidence_sums=class_confidence, confidence=confidence,
-          pseudo_labels=pseudo))
+          pseudo_labels=pseudo, **patches))
     return results

@@ -36,6 +36,13 @@ class TileOutputs:
   qa_sums: Optional[np.ndarray] = None           # (B, 4) float64, confidence.QA_SUMS
   class_confidence_sums: Optional[np.ndarray] = None   # (B, classes) float64
   features: Optional[np.ndarray] = None          # (B, F) pooled sums
+  patch_features: Optional[np.ndarray] = None    # (B, slots, F) sums per patch weight map
+
+
+def pool_patches(features, patch_weights):
+  """(B, slots, F) sums of the features under each patch's weight map (TensorFlow)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return tf.einsum("bshw,bhwf->bsf", patch_weights, features)
 
 
 class LoadedHRNet:
@@ -106,6 +113,12 @@ class LoadedHRNet:
     self._features_pooled = tf.function(
         lambda images, weights: pool(module.get_features(images), weights),
         input_signature=weights_spec)
+
+    def features_and_patches(images, weights, patch_weights):
+      features = module.get_features(images)
+      return pool(features, weights), pool_patches(features, patch_weights)
+    self._features_and_patches = tf.function(features_and_patches, input_signature=[
+        *weights_spec, tf.TensorSpec([None, None, None, None], tf.float32)])
     self._masks = tf.function(lambda images: class_ids(module.predict(images)),
                               input_signature=spec)
     self._features = tf.function(module.get_features, input_signature=spec)
@@ -123,8 +136,9 @@ class LoadedHRNet:
     self._tile_functions = {}
 
   def _tile_function(self, augmentation: Augmentation, want_features: bool,
-                     want_confidence: bool, want_pseudo: bool, shape: tuple):
-    key = (augmentation, want_features, want_confidence, want_pseudo, shape)
+                     want_confidence: bool, want_pseudo: bool, shape: tuple,
+                     want_patches: bool = False):
+    key = (augmentation, want_features, want_confidence, want_pseudo, shape, want_patches)
     if key in self._tile_functions:
       return self._tile_functions[key]
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -188,7 +202,15 @@ class LoadedHRNet:
 
     # One function per input shape (the key): the job calls at a fixed shape per tile
     # shape, and the passes' sizes are computed from the static tile sides.
-    if want_features:
+    if want_patches:
+      def with_patches(images, cell_weights, pixel_weights, threshold, ignore_below,
+                       patch_weights):
+        probabilities, features = averaged(images)
+        return (*summaries(probabilities, pixel_weights, threshold, ignore_below),
+                tf.einsum("bhw,bhwf->bf", cell_weights, features),
+                pool_patches(features, patch_weights))
+      function = tf.function(with_patches)
+    elif want_features:
       def with_features(images, cell_weights, pixel_weights, threshold, ignore_below):
         probabilities, features = averaged(images)
         return (*summaries(probabilities, pixel_weights, threshold, ignore_below),
@@ -205,21 +227,35 @@ class LoadedHRNet:
                   cell_weights: np.ndarray, pixel_weights: np.ndarray,
                   threshold: float = 0.5, ignore_below: float | None = None,
                   augmentation: Augmentation = Augmentation(),
-                  want_confidence: bool = True) -> TileOutputs:
+                  want_confidence: bool = True,
+                  patch_weights: Optional[np.ndarray] = None) -> TileOutputs:
     """The job's call: (B, H, W, 3) float32 tiles -> TileOutputs. pixel_weights (B, H, W)
-    select the pixels the QA sums count, cell_weights (B, H/4, W/4) pool the features."""
+    select the pixels the QA sums count, cell_weights (B, H/4, W/4) pool the features,
+    patch_weights (B, slots, H/4, W/4), with features, pool them per patch."""
     if images.dtype != np.float32:
       raise TypeError(f"images must be float32 in [0, 1], got {images.dtype}")
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     ignore = tf.constant(-1.0 if ignore_below is None else ignore_below, tf.float32)
     threshold = tf.constant(threshold, tf.float32)
+    want_patches = want_features and patch_weights is not None
     if not want_masks:
+      if want_patches:
+        pooled, patches = self._features_and_patches(
+            images, np.asarray(cell_weights, np.float32),
+            np.asarray(patch_weights, np.float32))
+        return TileOutputs(features=pooled.numpy(), patch_features=patches.numpy())
       return TileOutputs(features=self._features_pooled(
           images, np.asarray(cell_weights, np.float32)).numpy())
     pixel_weights = np.asarray(pixel_weights, np.float32)
     function = self._tile_function(augmentation, want_features, want_confidence,
-                                   ignore_below is not None, images.shape)
-    if want_features:
+                                   ignore_below is not None, images.shape, want_patches)
+    patch_features = None
+    if want_patches:
+      *maps, features, patch_features = function(
+          images, np.asarray(cell_weights, np.float32), pixel_weights, threshold, ignore,
+          np.asarray(patch_weights, np.float32))
+      features, patch_features = features.numpy(), patch_features.numpy()
+    elif want_features:
       *maps, features = function(images, np.asarray(cell_weights, np.float32), pixel_weights,
                                  threshold, ignore)
       features = features.numpy()
@@ -228,7 +264,7 @@ class LoadedHRNet:
     ids, confidence, pseudo, qa, class_confidence = (m.numpy() for m in maps)
     return TileOutputs(ids, confidence if want_confidence else None,
                        pseudo if ignore_below is not None else None, qa, class_confidence,
-                       features)
+                       features, patch_features)
 
   def one_pass_function(self):
     """A tf.function: images (B, H, W, 3) -> {'scores', 'features'}, one backbone pass

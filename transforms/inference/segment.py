@@ -12,6 +12,7 @@ from PIL import Image
 
 from transforms.budget import ErrorBudget
 from transforms.config import GRID_FIT, InferenceConfig, ModelConfig, TilingConfig
+from transforms.embeddings.patches import add_patch_sums, class_fractions, image_patches
 from transforms.inference.confidence import image_qa
 from transforms.inference.handler import HRNetModelHandler
 from transforms.metrics import METRICS_NAMESPACE
@@ -36,14 +37,14 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model_handle: str,
-                          num_classes: int, inference: InferenceConfig,
-                          engine: str = "tensorflow") -> Segmentation:
+def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model: ModelConfig,
+                          inference: InferenceConfig) -> Segmentation:
   """One row from all of an image's tile results (none failed)."""
-  mask_png = class_counts = pooled = None
+  num_classes = model.num_classes
+  mask_png = class_counts = pooled = fractions = mask = patches = None
   counted = sum((p.spec.own_y1 - p.spec.own_y0) * (p.spec.own_x1 - p.spec.own_x0)
                 if p.counted_pixels is None else p.counted_pixels for p in parts)
-  qa = {"augmentation": inference.augmentation.describe(), "engine": engine}
+  qa = {"augmentation": inference.augmentation.describe(), "engine": model.engine}
   if inference.want_masks:
     mask = stitch_mask(image.height, image.width, [(p.spec, p.class_ids) for p in parts])
     counts = np.bincount(mask.ravel(), minlength=NODATA_CLASS + 1)
@@ -52,6 +53,7 @@ def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model_handl
                        f" but the model has {num_classes}")
     mask_png = encode_mask_png(mask)
     class_counts = counts[:num_classes].astype(np.int64).tolist()
+    fractions = class_fractions(class_counts, model.labels.class_names, counted)
     qa.update(image_qa(np.sum([p.qa_sums for p in parts], axis=0),
                        np.sum([p.class_confidence_sums for p in parts], axis=0),
                        counts[:num_classes], counted))
@@ -61,19 +63,29 @@ def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model_handl
     if inference.ignore_below is not None:
       qa["pseudo_label_png"] = encode_mask_png(stitch_mask(
           image.height, image.width, [(p.spec, p.pseudo_labels) for p in parts]))
-  if inference.want_features and counted:
-    total = np.sum([p.feature_sum for p in parts], axis=0)
-    pooled = (total / counted).astype(np.float32).tolist()
+  if inference.want_features:
+    if counted:
+      total = np.sum([p.feature_sum for p in parts], axis=0)
+      pooled = (total / counted).astype(np.float32).tolist()
+    else:   # no valid pixel: no mean; NaN keeps the vector column free of nulls
+      pooled = [float("nan")] * model.feature_dim
+    if inference.patch_size:
+      totals = {}
+      for part in parts:
+        if part.patch_keys:
+          add_patch_sums(totals, part.patch_keys, part.patch_counts, part.patch_sums)
+      patches = tuple(image_patches(image, totals, inference.patch_size, mask, num_classes))
   # Tiles of one image could meet models of different precision on a mixed fleet.
   precision = "+".join(sorted({p.precision for p in parts}))
   geo = image.geo
   return Segmentation(image.image_id, image.source, image.height, image.width, mask_png,
-                      class_counts, pooled, model_handle, precision, valid_pixels=counted,
+                      class_counts, pooled, model.handle, precision, valid_pixels=counted,
                       crs_wkt=geo.crs_wkt if geo else None,
                       crs_epsg=geo.crs_epsg if geo else None,
                       transform=list(geo.transform) if geo else None,
                       block_y=image.block[0] if image.block else None,
-                      block_x=image.block[1] if image.block else None, **qa)
+                      block_x=image.block[1] if image.block else None,
+                      class_fractions=fractions, patches=patches, **qa)
 
 
 class _TileFn(beam.DoFn):
@@ -140,8 +152,7 @@ class _StitchFn(beam.DoFn):
           ERRORS, ErrorRecord(image.image_id, image.source, "inference", reason))
     try:
       row = assemble_segmentation(image, sorted(parts, key=lambda p: p.spec.index),
-                                  self._model.handle, self._model.num_classes,
-                                  self._inference, self._model.engine)
+                                  self._model, self._inference)
     except Exception as e:  # pylint: disable=broad-except
       self._errors.inc()
       self._progress.add(done=1, errors=1, tiles=len(parts))

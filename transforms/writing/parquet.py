@@ -26,7 +26,7 @@ _FIELDS = [
     pa.field("width", pa.int32(), nullable=False),
     pa.field("mask_png", pa.binary()),
     pa.field("class_counts", pa.list_(pa.int64())),
-    pa.field("pooled_features", pa.list_(pa.float32())),
+    pa.field("pooled_features", pa.list_(pa.float32())),   # fixed size when computed
     pa.field("model", pa.string(), nullable=False),
     pa.field("precision", pa.string(), nullable=False),
     pa.field("valid_pixels", pa.int64(), nullable=False),
@@ -46,12 +46,43 @@ _FIELDS = [
     pa.field("augmentation", pa.string(), nullable=False),
     pa.field("engine", pa.string(), nullable=False),
 ]
+_COLUMN_INDEX = {field.name: i for i, field in enumerate(_FIELDS)}
+
+
+def row_dict(row) -> dict:
+  """A Segmentation as the columns' values (patch sums travel on, unwritten)."""
+  return {f.name: getattr(row, f.name) for f in dataclasses.fields(row) if f.name != "patches"}
+
+
+def vector_field(name: str, model: ModelConfig, meaning: str) -> pa.Field:
+  """A non-null Arrow fixed-size list of float32: DuckDB casts it to FLOAT[F] (vss),
+  LanceDB and pyarrow read it as a vector column. Its metadata names the model."""
+  return pa.field(name, pa.list_(pa.float32(), model.feature_dim), nullable=False,
+                  metadata={"hrnet_beam.model": model.handle,
+                            "hrnet_beam.engine": model.engine,
+                            "hrnet_beam.vector": meaning})
+
+
+def fractions_type(class_names) -> pa.DataType:
+  """One float32 per class, named by the labels: `class_fractions.building >= 0.3`."""
+  return pa.struct([pa.field(name, pa.float32()) for name in class_names])
 
 
 def segmentation_schema(model: ModelConfig, tiling: TilingConfig,
                         inference: InferenceConfig) -> pa.Schema:
-  """The output schema; its metadata tells a reader everything needed to use the rows."""
+  """The output schema; its metadata tells a reader everything needed to use the rows.
+
+  pooled_features is a fixed-size vector column when features are computed (NaN for an
+  image without a valid pixel: pyarrow cannot read nulls back from such a column), and
+  a null list<float> column when they are not.
+  """
   labels = model.labels
+  fields = list(_FIELDS)
+  if inference.want_features:
+    fields[_COLUMN_INDEX["pooled_features"]] = vector_field(
+        "pooled_features", model, "mean of the 1/4-resolution features over the image's "
+        "valid pixels; NaN where it has none")
+  fields.append(pa.field("class_fractions", fractions_type(labels.class_names)))
   metadata = {
       "hrnet_beam.model": model.handle,
       "hrnet_beam.class_names": json.dumps(list(labels.class_names)),
@@ -81,6 +112,9 @@ def segmentation_schema(model: ModelConfig, tiling: TilingConfig,
                                  if model.scores_kind == PROBABILITIES else
                                  "predict returned logits: softmax applied where the model "
                                  "runs"),
+      "hrnet_beam.class_fractions_note": "class_fractions: each class's share of the "
+                                         "valid pixels; null without masks or valid "
+                                         "pixels",
       "hrnet_beam.qa_note": "mean_confidence (max probability), mean_margin (top-1 minus "
                             "top-2), mean_entropy (divided by log(classes): 0 to 1) and "
                             "low_confidence_fraction (share below confidence_threshold) "
@@ -103,7 +137,7 @@ def segmentation_schema(model: ModelConfig, tiling: TilingConfig,
       "hrnet_beam.transform_order": "a,b,c,d,e,f (rasterio/affine): x = a*col + b*row + c, "
                                     "y = d*col + e*row + f, at pixel corners",
   }
-  return pa.schema(_FIELDS, metadata=metadata)
+  return pa.schema(fields, metadata=metadata)
 
 
 class WriteSegmentations(beam.PTransform):
@@ -122,7 +156,7 @@ class WriteSegmentations(beam.PTransform):
   def expand(self, rows):
     return (
         rows
-        | "AsDicts" >> beam.Map(dataclasses.asdict)
+        | "AsDicts" >> beam.Map(row_dict)
         # Rows carry mask PNGs of up to a few MB: small record batches bound the memory.
         | "WriteParquet" >> WriteToParquet(self._prefix, self._schema, record_batch_size=4,
                                            row_group_buffer_size=32 << 20,
