@@ -12,12 +12,12 @@ import json
 import sys
 
 from transforms.index.build import IndexFiles, append_index, build_index, parse_bytes
-from transforms.index.vectors import (CENTERED, LEVEL_IMAGE, LEVELS, NORMALIZATIONS,
+from transforms.index.vectors import (WHITENED, LEVEL_IMAGE, LEVELS, NORMALIZATIONS,
                                       IndexInputError, describe_files, output_files)
 
 
 def index(output: str, to: str, level: str = LEVEL_IMAGE, max_memory: str = "4GB",
-          normalization: str = CENTERED, append: bool = False):
+          normalization: str = WHITENED, append: bool = False):
   """Builds (or appends to) the index at `to`; returns its Report, or None when --append
   found no new file."""
   budget = parse_bytes(max_memory)
@@ -43,8 +43,8 @@ def index(output: str, to: str, level: str = LEVEL_IMAGE, max_memory: str = "4GB
   else:
     files = describe_files(paths, level)
     built = build_index(files, budget, normalization, source_prefix=output)
-  index_object, manifest, ids, mean, report = built
-  target.write(index_object, manifest, ids, mean)
+  index_object, manifest, ids, transform, report = built
+  target.write(index_object, manifest, ids, transform)
   return report
 
 
@@ -62,10 +62,11 @@ def main(argv=None, prog: str | None = None) -> int:
   parser.add_argument("--max_memory", default="4GB",
                       help="Memory the index may take (e.g. 4GB, 512MB); it picks the "
                            "index type.")
-  parser.add_argument("--normalization", choices=NORMALIZATIONS, default=CENTERED,
-                      help="centered (default): subtract the mean of a sample of the "
-                           "vectors, then L2-normalise; plain: L2-normalise only. Scores "
-                           "are cosine similarities.")
+  parser.add_argument("--normalization", choices=NORMALIZATIONS, default=WHITENED,
+                      help="whitened (default): PCA whitening fitted on a sample of the "
+                           "vectors (at most 128 dimensions), then L2-normalise; centered: "
+                           "subtract the sample's mean, then L2-normalise; plain: "
+                           "L2-normalise only. Scores are cosine similarities.")
   parser.add_argument("--append", action="store_true",
                       help="Add the rows of files not yet indexed, without retraining.")
   parser.add_argument("--json", action="store_true", help="Print the report as JSON.")

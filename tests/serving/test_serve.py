@@ -65,13 +65,16 @@ def test_patch_index_search_with_filter_and_append(job, tmp_path):
   assert index_cli.index(str(first), str(tmp_path / "index"), level="patch",
                          append=True) is None   # nothing new
   searcher = Searcher(str(tmp_path / "index"))
-  np.testing.assert_array_equal(searcher.mean, before.mean)   # not refitted
-  # Nearest by brute force over the stored vectors, centred and normalised likewise.
+  np.testing.assert_array_equal(searcher.transform.projection,
+                                before.transform.projection)   # not refitted
+  # Nearest by brute force over the stored vectors, whitened and normalised likewise.
   table = pq.read_table(sorted(glob.glob(f"{first}-*.parquet")))
   vectors = np.asarray(table.column("embedding").to_pylist(), np.float32)
   keys = list(zip(table.column("image_id").to_pylist(), table.column("patch_row").to_pylist(),
                   table.column("patch_col").to_pylist()))
-  centred = vectors - searcher.mean
+  transform = searcher.transform
+  assert transform.normalization == "whitened" and transform.output_dim < vectors.shape[1]
+  centred = (vectors - transform.mean) @ transform.projection / transform.scale
   centred /= np.linalg.norm(centred, axis=1, keepdims=True)
   query = keys[7]
   row = searcher.row_of(query[0], query[1:])

@@ -152,3 +152,14 @@ def test_int8_openvino_demo_model_keeps_its_accuracy(held_out, tmp_path):
   scores = {name: miou([(rows[name][s]["mask"], labels) for s, (_, labels) in truth.items()])
             for name in rows}
   assert abs(scores["tf"] - scores["int8"]) <= 0.01, scores
+
+
+def test_patches_find_their_twin_under_other_light(tmp_path):
+  """The index's default (PCA-whitened) finds each patch's relit, noisy twin among the
+  nearest; plain cosine does not (benchmarks/search_evidence.py has the larger run)."""
+  from benchmarks.search_evidence import measure  # pylint: disable=import-outside-toplevel
+  results = measure(str(tmp_path), count=6, size=256, patch=128, model=DEMO_MODEL)
+  whitened = results["whitened"]
+  assert whitened["patches"] == 6 * 2 * 4
+  assert whitened["median_rank"] == 0 and whitened["top5"] >= 0.9, results
+  assert whitened["first"] > results["plain"]["first"] + 0.3, results

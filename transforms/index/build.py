@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.index.vectors import (CENTERED, LEVEL_PATCH, VectorFiles, count_rows,
-                                      fit_mean, iter_batches, normalize)
+from transforms.index.vectors import (LEVEL_PATCH, WHITENED, VectorFiles, VectorTransform,
+                                      count_rows, fit_transform, iter_batches, normalize)
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ MAX_TRAIN = 256 * 1024
 RECALL_TARGET = 0.95
 RECALL_QUERIES = 200
 K = 10
-INDEX_FILE, MANIFEST_FILE, IDS_FILE, MEAN_FILE = ("index.faiss", "index.json", "ids.parquet",
-                                                  "mean.npy")
+INDEX_FILE, MANIFEST_FILE, IDS_FILE, TRANSFORM_FILE = ("index.faiss", "index.json",
+                                                       "ids.parquet", "transform.npz")
 INDEX_FORMAT = 1
 
 
@@ -168,13 +168,6 @@ class Report:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in lines)
 
 
-NORMALIZATION_NOTE = {
-    CENTERED: "centred on the mean of a sample of the indexed vectors, then L2-normalised; "
-              "scores are inner products = cosine similarity of the centred vectors",
-    "plain": "L2-normalised; scores are inner products = cosine similarity",
-}
-
-
 def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -258,7 +251,7 @@ def tune_and_measure(index, plan_nlist: int, queries: np.ndarray, truth: np.ndar
 
 class IndexFiles:
   """An index directory (local or gs://): index.faiss, index.json (manifest and report),
-  ids.parquet (what each id is) and mean.npy (the centring vector)."""
+  ids.parquet (what each id is) and transform.npz (the normalisation)."""
 
   def __init__(self, directory: str):
     self.directory = directory.rstrip("/")
@@ -279,25 +272,21 @@ class IndexFiles:
       data = np.frombuffer(f.read(), np.uint8)
     return faiss.deserialize_index(data)
 
-  def read_mean(self) -> np.ndarray:
-    import io  # pylint: disable=import-outside-toplevel
-    with FileSystems.open(self.path(MEAN_FILE)) as f:
-      return np.load(io.BytesIO(f.read()))
+  def read_transform(self) -> VectorTransform:
+    with FileSystems.open(self.path(TRANSFORM_FILE)) as f:
+      return VectorTransform.from_bytes(f.read())
 
   def read_ids(self) -> pa.Table:
     with FileSystems.open(self.path(IDS_FILE)) as f:
       return pq.read_table(pa.BufferReader(f.read()))
 
-  def write(self, index, manifest: dict, ids: pa.Table, mean: np.ndarray) -> None:
+  def write(self, index, manifest: dict, ids: pa.Table, transform: VectorTransform) -> None:
     """Writes every file, the manifest last: a reader never sees a half-written index."""
     import faiss  # pylint: disable=import-outside-toplevel
-    import io  # pylint: disable=import-outside-toplevel
     if "://" not in self.directory:
       os.makedirs(self.directory, exist_ok=True)
     _write_bytes(self.path(INDEX_FILE), faiss.serialize_index(index).tobytes())
-    buffer = io.BytesIO()
-    np.save(buffer, mean)
-    _write_bytes(self.path(MEAN_FILE), buffer.getvalue())
+    _write_bytes(self.path(TRANSFORM_FILE), transform.to_bytes())
     sink = pa.BufferOutputStream()
     pq.write_table(ids, sink, compression="zstd")
     _write_bytes(self.path(IDS_FILE), sink.getvalue().to_pybytes())
@@ -320,24 +309,23 @@ def _ids_table(tables: list, files: VectorFiles, first_id: int) -> pa.Table:
       np.arange(first_id, first_id + table.num_rows, dtype=np.int64)))
 
 
-def build_index(files: VectorFiles, max_memory: int, normalization: str = CENTERED,
+def build_index(files: VectorFiles, max_memory: int, normalization: str = WHITENED,
                 source_prefix: str = "", seed: int = 0) -> tuple:
-  """(faiss index, manifest dict, ids Table, mean, Report) for all vectors of the files."""
+  """(faiss index, manifest dict, ids Table, VectorTransform, Report) for all vectors."""
   import faiss  # pylint: disable=import-outside-toplevel
   started = time.perf_counter()
-  total = count_rows(files.files)
   kept_total = 0
   # One pass to count the rows with a vector (an image without valid pixels has none).
   for _, vectors, _, _ in iter_batches(files):
     kept_total += len(vectors)
   if not kept_total:
     raise ValueError("no vector to index: every row lacks a valid pixel")
-  plan = plan_index(kept_total, files.dim, max_memory)
-  sample_size = max(plan.train_vectors, RECALL_QUERIES, min(kept_total, 50_000))
+  sample_size = max(min(kept_total, MAX_TRAIN), RECALL_QUERIES)
   sample = _gather(files, _sample_positions(kept_total, sample_size, seed))
-  mean = fit_mean(sample, normalization)
-  sample = normalize(sample, mean)
-  index = faiss.index_factory(files.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+  transform = fit_transform(sample, normalization)
+  plan = plan_index(kept_total, transform.output_dim, max_memory)
+  sample = normalize(sample, transform)
+  index = faiss.index_factory(transform.output_dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
   if plan.nlist:
     index.train(sample[:plan.train_vectors])
   rng = np.random.default_rng(seed + 1)
@@ -348,19 +336,18 @@ def build_index(files: VectorFiles, max_memory: int, normalization: str = CENTER
   tables, next_id, skipped = [], 0, 0
   for _, vectors, table, dropped in iter_batches(files, with_ids=True):
     skipped += dropped
-    vectors = normalize(vectors, mean)
+    vectors = normalize(vectors, transform)
     exact.add(vectors, next_id)
     index.add(vectors)
     tables.append(table)
     next_id += len(vectors)
-  del total
   ids = _ids_table(tables, files, 0)
   report = Report(vectors=index.ntotal, skipped_no_valid_pixels=skipped,
                   index_type=plan.factory, why=plan.why, max_memory_bytes=max_memory,
-                  normalization=NORMALIZATION_NOTE[normalization])
+                  normalization=transform.describe())
   _finish_report(report, index, plan.nlist, queries, exact.ids, started)
-  manifest = _manifest(files, plan, normalization, source_prefix, report, queries_seed=seed)
-  return index, manifest, ids, mean, report
+  manifest = _manifest(files, plan, transform, source_prefix, report, queries_seed=seed)
+  return index, manifest, ids, transform, report
 
 
 def _finish_report(report: Report, index, nlist: int, queries, truth, started) -> None:
@@ -375,8 +362,8 @@ def _finish_report(report: Report, index, nlist: int, queries, truth, started) -
   report.peak_rss_mb = _peak_rss_mb()
 
 
-def _manifest(files: VectorFiles, plan: IndexPlan, normalization: str, source_prefix: str,
-              report: Report, queries_seed: int) -> dict:
+def _manifest(files: VectorFiles, plan: IndexPlan, transform: VectorTransform,
+              source_prefix: str, report: Report, queries_seed: int) -> dict:
   import faiss  # pylint: disable=import-outside-toplevel
   return {
       "format": INDEX_FORMAT,
@@ -391,8 +378,9 @@ def _manifest(files: VectorFiles, plan: IndexPlan, normalization: str, source_pr
       "factory": plan.factory,
       "nlist": plan.nlist,
       "nprobe": report.nprobe,
-      "normalization": normalization,
-      "normalization_note": NORMALIZATION_NOTE[normalization],
+      "normalization": transform.normalization,
+      "normalization_note": transform.describe(),
+      "index_dim": transform.output_dim,
       "faiss_version": faiss.__version__,
       "seed": queries_seed,
       "report": dataclasses.asdict(report),
@@ -400,17 +388,18 @@ def _manifest(files: VectorFiles, plan: IndexPlan, normalization: str, source_pr
 
 
 def append_index(index_files: IndexFiles, files: VectorFiles, new_paths: list) -> tuple:
-  """Adds the vectors of new_paths to a built index without retraining; recall and
-  latency are measured again on all vectors. Returns (index, manifest, ids, mean, Report)."""
+  """Adds the vectors of new_paths to a built index without retraining (nor refitting
+  the transform); recall and latency are measured again on all vectors. Returns (index,
+  manifest, ids, VectorTransform, Report)."""
   started = time.perf_counter()
   manifest = index_files.read_manifest()
   index = index_files.read_index()
-  mean = index_files.read_mean()
+  transform = index_files.read_transform()
   ids = index_files.read_ids()
   tables, next_id, skipped = [ids], index.ntotal, 0
   for _, vectors, table, dropped in iter_batches(files, new_paths, with_ids=True):
     skipped += dropped
-    index.add(normalize(vectors, mean))
+    index.add(normalize(vectors, transform))
     tables.append(_ids_table([table], files, next_id))
     next_id += len(vectors)
   ids = pa.concat_tables(tables, promote_options="default")
@@ -420,23 +409,23 @@ def append_index(index_files: IndexFiles, files: VectorFiles, new_paths: list) -
   rng = np.random.default_rng(manifest.get("seed", 0) + 2)
   positions = np.sort(rng.choice(index.ntotal, size=min(RECALL_QUERIES, index.ntotal),
                                  replace=False))
-  queries = normalize(_gather(all_files, positions), mean)
+  queries = normalize(_gather(all_files, positions), transform)
   exact = _ExactTopK(queries, K)
   first = 0
   for _, vectors, _, _ in iter_batches(all_files):
-    exact.add(normalize(vectors, mean), first)
+    exact.add(normalize(vectors, transform), first)
     first += len(vectors)
   previous = manifest["report"]
   report = Report(vectors=index.ntotal,
                   skipped_no_valid_pixels=previous["skipped_no_valid_pixels"] + skipped,
                   index_type=manifest["factory"], why=previous["why"],
                   max_memory_bytes=previous["max_memory_bytes"],
-                  normalization=NORMALIZATION_NOTE[manifest["normalization"]],
+                  normalization=transform.describe(),
                   appended_files=previous.get("appended_files", 0) + len(new_paths))
   _finish_report(report, index, manifest["nlist"], queries, exact.ids, started)
   manifest = dict(manifest, files=list(all_files.files), nprobe=report.nprobe,
                   report=dataclasses.asdict(report))
-  return index, manifest, ids, mean, report
+  return index, manifest, ids, transform, report
 
 
 def level_of(manifest: dict) -> str:

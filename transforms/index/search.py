@@ -45,7 +45,7 @@ class Searcher:
     self.directory = directory
     self.manifest = files.read_manifest()
     self.index = files.read_index()
-    self.mean = files.read_mean()
+    self.transform = files.read_transform()
     self.ids = files.read_ids()
     self.class_names = tuple(self.manifest["class_names"])
     self.level = self.manifest["level"]
@@ -123,7 +123,7 @@ class Searcher:
              exclude: Optional[int] = None) -> list:
     """The k nearest rows to a raw vector (normalised here as the index's were)."""
     import faiss  # pylint: disable=import-outside-toplevel
-    query = normalize(np.asarray(vector, np.float32)[None], self.mean)
+    query = normalize(np.asarray(vector, np.float32)[None], self.transform)
     keep = self.matching(where)
     if exclude is not None:
       keep = np.ones(self.index.ntotal, bool) if keep is None else keep.copy()

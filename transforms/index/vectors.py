@@ -1,6 +1,6 @@
 """Reading the job's vectors from its Parquet files in batches, and normalising them as
-the index and its queries do: centred on a mean fitted on a sample, then L2-normalised,
-so inner product is the cosine of the centred vectors."""
+the index and its queries do: PCA-whitened (or centred) by a transform fitted on a
+sample, then L2-normalised, so inner product is the cosine of the transformed vectors."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +14,9 @@ from apache_beam.io.filesystems import FileSystems
 
 LEVEL_IMAGE, LEVEL_PATCH = "image", "patch"
 LEVELS = (LEVEL_IMAGE, LEVEL_PATCH)
-CENTERED, PLAIN = "centered", "plain"
-NORMALIZATIONS = (CENTERED, PLAIN)
+WHITENED, CENTERED, PLAIN = "whitened", "centered", "plain"
+NORMALIZATIONS = (WHITENED, CENTERED, PLAIN)
+MAX_WHITENED_DIMS = 128
 VECTOR_COLUMN = {LEVEL_IMAGE: "pooled_features", LEVEL_PATCH: "embedding"}
 BATCH_ROWS = 8192
 
@@ -126,18 +127,87 @@ def iter_batches(files: VectorFiles, paths=None, with_ids: bool = False
       yield path, np.ascontiguousarray(vectors[kept]), table, int((~kept).sum())
 
 
-def fit_mean(sample: np.ndarray, normalization: str) -> np.ndarray:
-  """The vector subtracted before L2 normalisation: the sample's mean, or zeros."""
+@dataclasses.dataclass(frozen=True)
+class VectorTransform:
+  """x -> ((x - mean) @ projection) / scale, then L2-normalised. projection (dim, k) and
+  scale (k,) are the sample's principal axes and their standard deviations (PCA
+  whitening); None for centring or plain cosine."""
+  normalization: str
+  mean: np.ndarray
+  projection: Optional[np.ndarray] = None
+  scale: Optional[np.ndarray] = None
+
+  @property
+  def output_dim(self) -> int:
+    return len(self.mean) if self.projection is None else self.projection.shape[1]
+
+  def describe(self) -> str:
+    if self.normalization == WHITENED:
+      return (f"PCA-whitened to {self.output_dim} dimensions (principal axes and their "
+              "spread fitted on a sample of the indexed vectors), then L2-normalised; "
+              "scores are inner products = cosine similarity of the whitened vectors")
+    if self.normalization == CENTERED:
+      return ("centred on the mean of a sample of the indexed vectors, then L2-normalised; "
+              "scores are inner products = cosine similarity of the centred vectors")
+    return "L2-normalised; scores are inner products = cosine similarity"
+
+  def to_bytes(self) -> bytes:
+    import io  # pylint: disable=import-outside-toplevel
+    buffer = io.BytesIO()
+    arrays = {"mean": self.mean}
+    if self.projection is not None:
+      arrays.update(projection=self.projection, scale=self.scale)
+    np.savez(buffer, normalization=np.array(self.normalization), **arrays)
+    return buffer.getvalue()
+
+  @classmethod
+  def from_bytes(cls, data: bytes) -> "VectorTransform":
+    import io  # pylint: disable=import-outside-toplevel
+    arrays = np.load(io.BytesIO(data))
+    return cls(str(arrays["normalization"]), arrays["mean"],
+               arrays["projection"] if "projection" in arrays else None,
+               arrays["scale"] if "scale" in arrays else None)
+
+
+def whitened_dims(dim: int, sample_size: int) -> int:
+  """Components kept by PCA whitening: whitening as many axes as there are sample
+  vectors amplifies noise (measured on the demo model's patches: 32-64 of 108 found
+  the twin first for 81-87%, 107 of 108 for 0%), so at most half the sample, and
+  MAX_WHITENED_DIMS."""
+  return max(1, min(dim, MAX_WHITENED_DIMS, sample_size // 2))
+
+
+def fit_transform(sample: np.ndarray, normalization: str) -> VectorTransform:
+  """The transform for this normalisation, fitted on a sample (n, dim)."""
+  dim = sample.shape[1]
   if normalization == PLAIN:
-    return np.zeros(sample.shape[1], np.float32)
-  return sample.astype(np.float64).mean(axis=0).astype(np.float32)
+    return VectorTransform(PLAIN, np.zeros(dim, np.float32))
+  mean = sample.mean(axis=0, dtype=np.float64)
+  if normalization == CENTERED:
+    return VectorTransform(CENTERED, mean.astype(np.float32))
+  keep = whitened_dims(dim, len(sample))
+  # The covariance (dim x dim) in chunks: memory stays small for a large sample.
+  covariance = np.zeros((dim, dim))
+  for start in range(0, len(sample), 16384):
+    chunk = sample[start:start + 16384].astype(np.float64) - mean
+    covariance += chunk.T @ chunk
+  covariance /= max(1, len(sample) - 1)
+  variances, axes = np.linalg.eigh(covariance)
+  order = np.argsort(variances)[::-1][:keep]
+  spread = np.sqrt(np.maximum(variances[order], 0))
+  spread = np.where(spread > 0, spread, 1.0)
+  return VectorTransform(WHITENED, mean.astype(np.float32),
+                         np.ascontiguousarray(axes[:, order], np.float32),
+                         spread.astype(np.float32))
 
 
-def normalize(vectors: np.ndarray, mean: np.ndarray) -> np.ndarray:
-  """(vectors - mean) / its L2 norm, float32; a zero vector stays zero."""
-  centred = np.asarray(vectors, np.float32) - mean
-  norms = np.linalg.norm(centred, axis=1, keepdims=True)
-  return np.ascontiguousarray(centred / np.where(norms == 0, 1, norms), np.float32)
+def normalize(vectors: np.ndarray, transform: VectorTransform) -> np.ndarray:
+  """The transform applied, then L2-normalised, float32; a zero vector stays zero."""
+  out = np.asarray(vectors, np.float32) - transform.mean
+  if transform.projection is not None:
+    out = (out @ transform.projection) / transform.scale
+  norms = np.linalg.norm(out, axis=1, keepdims=True)
+  return np.ascontiguousarray(out / np.where(norms == 0, 1, norms), np.float32)
 
 
 def read_vector(files: VectorFiles, path: str, image_id: str,
