@@ -41,8 +41,10 @@ def cpu_description() -> str:
   return f"{model}, {os.cpu_count()} cores, {' '.join(wanted)}"
 
 
-def write_vectors(directory: str, total: int, seed: int = 0) -> list:
-  """Synthetic patch files of `total` vectors; returns their paths."""
+def write_vectors(directory: str, total: int, seed: int = 0, name: str = "synthetic",
+                  rows_per_file: int = ROWS_PER_FILE) -> list:
+  """Synthetic patch files of `total` vectors; returns their paths. The clusters depend
+  on the seed's first draw only, so files written with other names share them."""
   rng = np.random.default_rng(seed)
   centres = rng.normal(size=(CLUSTERS, LATENT)).astype(np.float32)
   mixing = (rng.normal(size=(LATENT, DIM)) / np.sqrt(LATENT)).astype(np.float32)
@@ -60,8 +62,9 @@ def write_vectors(directory: str, total: int, seed: int = 0) -> list:
                "hrnet_beam.class_names": json.dumps(CLASS_NAMES),
                "hrnet_beam.feature_dim": str(DIM)})
   paths = []
-  for start in range(0, total, ROWS_PER_FILE):
-    count = min(ROWS_PER_FILE, total - start)
+  rng = np.random.default_rng([seed, len(name)])
+  for start in range(0, total, rows_per_file):
+    count = min(rows_per_file, total - start)
     cluster = rng.integers(0, CLUSTERS, count)
     latent = centres[cluster] + 0.5 * rng.normal(size=(count, LATENT)).astype(np.float32)
     vectors = latent @ mixing + 0.05 * rng.normal(size=(count, DIM)).astype(np.float32)
@@ -69,8 +72,8 @@ def write_vectors(directory: str, total: int, seed: int = 0) -> list:
     fractions = rng.dirichlet(np.ones(len(CLASS_NAMES)), count).astype(np.float32)
     ids = np.arange(start, start + count)
     table = pa.table({
-        "image_id": [f"gs://bucket/scene-{i // 64:06d}.tif" for i in ids],
-        "source": [f"gs://bucket/scene-{i // 64:06d}.tif" for i in ids],
+        "image_id": [f"gs://bucket/{name}-{i // 64:06d}.tif" for i in ids],
+        "source": [f"gs://bucket/{name}-{i // 64:06d}.tif" for i in ids],
         "patch_row": (ids % 64 // 8).astype(np.int32), "patch_col": (ids % 8).astype(np.int32),
         "y0": (ids % 64 // 8 * 256).astype(np.int32), "x0": (ids % 8 * 256).astype(np.int32),
         "y1": (ids % 64 // 8 * 256 + 256).astype(np.int32),
@@ -80,8 +83,8 @@ def write_vectors(directory: str, total: int, seed: int = 0) -> list:
         "class_fractions": pa.StructArray.from_arrays(
             [pa.array(fractions[:, i]) for i in range(len(CLASS_NAMES))], CLASS_NAMES),
     }, schema=schema)
-    path = os.path.join(directory, f"patches-synthetic-{start // ROWS_PER_FILE:05d}-of-"
-                                   f"{-(-total // ROWS_PER_FILE):05d}.parquet")
+    path = os.path.join(directory, f"patches-{name}-{start // rows_per_file:05d}-of-"
+                                   f"{-(-total // rows_per_file):05d}.parquet")
     pq.write_table(table, path, compression="zstd", row_group_size=8192)
     paths.append(path)
   return paths

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Optional
 
 import numpy as np
@@ -137,11 +138,15 @@ class Searcher:
       selector = faiss.IDSelectorBatch(np.flatnonzero(keep).astype(np.int64))
     nprobe = self.manifest.get("nprobe") or 0
     nlist = self.manifest.get("nlist") or 0
+    if nlist and keep is not None:
+      # The probed lists hold matches in proportion to the filter's share: probe that
+      # many times more lists, so the matches scanned stay what nprobe scans unfiltered.
+      nprobe = min(nlist, math.ceil(nprobe * self.index.ntotal / max(1, available)))
     while True:
-      params = _search_params(self.index, nprobe, selector)
+      params = _search_params(nprobe, selector)
       scores, found = self.index.search(query, want, params=params)
       got = int((found[0] >= 0).sum())
-      # A selective filter can leave the probed lists short of k matches: probe more.
+      # The probed lists can still hold fewer than k matches: probe more.
       if got >= want or not nlist or nprobe >= nlist:
         break
       nprobe = min(nlist, nprobe * 4)
