@@ -11,7 +11,7 @@ DATUMARO_PIN := datumaro==1.13.12
 DATUMARO_STAMP := $(DATUMARO)/.installed-$(DATUMARO_PIN)
 DEMO := demo-output
 
-.PHONY: venv browser demo test bench bench-quick bench-many clean
+.PHONY: venv browser demo test bench bench-quick bench-many bench-index clean
 
 $(STAMP): setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,10 +34,13 @@ demo: $(STAMP)
 	$(BIN)/hrnet-beam scenes --demo --output $(DEMO)/images
 	$(BIN)/hrnet-beam run --input '$(DEMO)/images/*' --model models/demo \
 	  --output $(DEMO)/out/segmentations --tile_size 512 --tile_overlap 64 \
-	  --polygons_output $(DEMO)/out/polygons --min_polygon_area 16 --simplify_tolerance 1
+	  --polygons_output $(DEMO)/out/polygons --min_polygon_area 16 --simplify_tolerance 1 \
+	  --patch_output $(DEMO)/out/patches --patch_size 256
 	$(BIN)/hrnet-beam show $(DEMO)/out/segmentations
 	$(BIN)/hrnet-beam render $(DEMO)/out/segmentations --out $(DEMO)/out/overlays
 	$(BIN)/hrnet-beam export --format coco $(DEMO)/out/segmentations --to $(DEMO)/out/coco
+	$(BIN)/hrnet-beam index $(DEMO)/out/patches --level patch --to $(DEMO)/out/index
+	$(BIN)/hrnet-beam search $(DEMO)/out/index --id $(DEMO)/images/2_park.png --patch 2,3 --k 5
 
 # The web page's test drives Debian's headless Chromium through its ChromeDriver.
 browser:
@@ -59,6 +62,10 @@ bench-quick: $(STAMP)
 # 20,000 small files and a 20,000-record shard through the local runner (a few minutes).
 bench-many: $(STAMP)
 	$(BIN)/python -m benchmarks.many_files --report bench-report-many.json
+
+# One million synthetic 720-d vectors indexed under a 4 GB budget (about ten minutes).
+bench-index: $(STAMP)
+	$(BIN)/python -m benchmarks.index_scale --report bench-report-index.json
 
 clean:
 	rm -rf $(VENV) $(DATUMARO) $(DEMO) *.egg-info .pytest_cache

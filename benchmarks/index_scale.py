@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
     generated = time.perf_counter() - started
     # The index is built by the command itself, in its own process (its own peak memory).
     index_dir = os.path.join(workdir, "index")
-    command = ["hrnet-beam", "index", vectors_dir + "/", "--level", "patch", "--to", index_dir,
+    command = [os.path.join(os.path.dirname(sys.executable), "hrnet-beam"), "index", vectors_dir + "/", "--level", "patch", "--to", index_dir,
                "--max_memory", args.max_memory, "--json"]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, check=False)

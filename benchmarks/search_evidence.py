@@ -27,19 +27,12 @@ DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 TWIN = "_light"
 
 
-def relit(image: np.ndarray, rng) -> np.ndarray:
-  """The same scene under other light and sensor noise."""
-  unit = image.astype(np.float32) / 255
-  changed = np.clip(unit ** 0.8 * 1.05 + rng.normal(0, 0.02, unit.shape), 0, 1)
-  return (changed * 255 + 0.5).astype(np.uint8)
-
-
 def write_twins(directory: str, count: int, size: int, seed: int = 300) -> list:
   rng = np.random.default_rng(seed)
   paths = []
   for i in range(count):
     image, _ = scenes.generate_scene(size, size, seed + i, scenes.KINDS[i % len(scenes.KINDS)])
-    for suffix, pixels in (("", image), (TWIN, relit(image, rng))):
+    for suffix, pixels in (("", image), (TWIN, scenes.relight(image, rng))):
       path = os.path.join(directory, f"scene{i:02d}{suffix}.png")
       Image.fromarray(pixels).save(path)
       paths.append(path)

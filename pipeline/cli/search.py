@@ -103,11 +103,14 @@ def main(argv=None, prog: str | None = None) -> int:
   except (FilterError, KeyError, ValueError, FileNotFoundError) as e:
     print(f"{name}: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
     return 2
+  if not hits and args.where:
+    print(f"{name}: no indexed row matches --where {args.where!r}", file=sys.stderr)
   if args.json:
     for hit in hits:
       print(json.dumps(hit.as_json()))
   else:
-    print(f"{len(hits)} nearest {'patches' if searcher.level == 'patch' else 'images'} (score: cosine similarity of "
+    kind = "patches" if searcher.level == "patch" else "images"
+    print(f"{len(hits)} nearest {kind} (score: cosine similarity of "
           f"{searcher.manifest['normalization']} vectors)")
     for hit in hits:
       print(_format(hit, searcher.level))

@@ -1,4 +1,5 @@
-"""Writes sample aerial scenes (and one broken file) for the demo.
+"""Writes sample aerial scenes, one of them again under other light, and one broken file
+for the demo.
 
     hrnet-beam scenes --demo --output demo-output/images
 
@@ -9,7 +10,9 @@ import os
 
 from PIL import Image
 
-from pipeline.standin.scenes import generate_scene
+import numpy as np
+
+from pipeline.standin.scenes import generate_scene, relight
 
 SAMPLES = [("urban", 1100, 1500, "png"), ("suburban", 1100, 1500, "png"),
            ("park", 1100, 1500, "png"), ("urban", 700, 900, "jpg")]
@@ -23,6 +26,11 @@ def write_samples(output_dir: str, seed: int = 0) -> list[str]:
     path = os.path.join(output_dir, f"{i}_{kind}.{ext}")
     Image.fromarray(image).save(path, **({"quality": 92} if ext == "jpg" else {}))
     paths.append(path)
+  # The park again under other light and noise: its patches find each other (README).
+  park, _ = generate_scene(*SAMPLES[2][1:3], seed + 502, SAMPLES[2][0])
+  path = os.path.join(output_dir, "4_park_relit.png")
+  Image.fromarray(relight(park, np.random.default_rng(seed))).save(path)
+  paths.append(path)
   broken = os.path.join(output_dir, "broken.png")
   with open(paths[0], "rb") as f, open(broken, "wb") as out:
     out.write(f.read()[:2000])  # a PNG cut short

@@ -217,6 +217,14 @@ def generate_scene(height: int, width: int, seed: int, kind: str = "mixed"
   return np.clip(canvas.image, 0, 255).astype(np.uint8), canvas.labels
 
 
+def relight(image: np.ndarray, rng, gamma: float = 0.8, gain: float = 1.05,
+            noise: float = 0.02) -> np.ndarray:
+  """The same scene under other light and sensor noise (uint8 RGB in, uint8 out)."""
+  unit = image.astype(np.float32) / 255
+  changed = np.clip(unit ** gamma * gain + rng.normal(0, noise, unit.shape), 0, 1)
+  return (changed * 255 + 0.5).astype(np.uint8)
+
+
 def write_scenes(output_dir: str, count: int, height: int, width: int, seed: int = 0,
                  kind: str = "mixed") -> list[str]:
   """Writes scene_NNN.png and scene_NNN.labels.png (label ids as pixel values)."""
