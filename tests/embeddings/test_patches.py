@@ -194,3 +194,21 @@ def test_bad_patch_flags_fail_before_launch(pixel_local_model, tmp_path, flags, 
   with pytest.raises(ConfigError, match=message):
     run_job("--input", tmp_path / "a.png", "--output", tmp_path / "o" / "rows", "--model",
             pixel_local_model, *flags)
+
+
+def test_patch_embeddings_are_identical_across_runs_and_batch_sizes(tiny_model, tmp_path):
+  (tmp_path / "in").mkdir()
+  for seed in range(3):
+    save_image(tmp_path / "in" / f"im{seed}.png", textured_image(130, 150, seed=40 + seed))
+  runs = []
+  for name, batch in (("a", 1), ("b", 4)):
+    run_job("--input", tmp_path / "in" / "*.png", "--output", tmp_path / name / "rows",
+            "--model", tiny_model, "--tile_size", 64, "--tile_overlap", 32,
+            "--batch_size", batch, "--patch_output", tmp_path / name / "patches",
+            "--patch_size", 40)
+    runs.append({(p["image_id"], p["patch_row"], p["patch_col"]): p
+                 for p in _patches(tmp_path / name / "patches")})
+  assert runs[0].keys() == runs[1].keys() and len(runs[0]) == 3 * 4 * 4
+  for key, patch in runs[0].items():
+    assert patch["embedding"] == runs[1][key]["embedding"]   # byte for byte
+    assert patch["class_counts"] == runs[1][key]["class_counts"]

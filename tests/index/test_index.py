@@ -109,3 +109,20 @@ def test_append_adds_new_files_without_retraining(tmp_path):
   assert hits[0].id == new   # the appended vector is found as itself
   assert index_cli.index(f"{tmp_path}/", str(tmp_path / "index"), level=LEVEL_PATCH,
                          append=True) is None
+
+
+def test_index_from_and_to_a_bucket_then_search_it(bucket, tmp_path):
+  """Vectors in gs://, the index written to gs:// and searched from there (emulator)."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  from inputs import upload  # pylint: disable=import-outside-toplevel
+  paths = write_vectors(str(tmp_path), 1200, seed=3, name="bucketed", rows_per_file=600)
+  for path in paths:
+    with open(path, "rb") as f:
+      upload(f"{bucket}/out/{path.rsplit('/', 1)[-1]}", f.read())
+  report = index_cli.index(f"{bucket}/out/", f"{bucket}/index", level=LEVEL_PATCH)
+  assert report.vectors == 1200
+  assert FileSystems.exists(f"{bucket}/index/index.faiss")
+  searcher = Searcher(f"{bucket}/index")
+  row = searcher.row_of("gs://bucket/bucketed-000004.tif", (0, 5))
+  hits = searcher.search(searcher.stored_vector(row), k=3, exclude=row)
+  assert len(hits) == 3 and row not in {h.id for h in hits}
