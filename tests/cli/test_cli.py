@@ -104,9 +104,9 @@ def test_the_demo_job_prints_its_own_lines_only(demo_images, tmp_path):
   assert len(lines) <= 10, lines
   assert not [line for line in lines if NOISE.search(line)], lines
   assert any("7 classes" in line and "models/demo" in line for line in lines)
-  assert any("5 input files" in line for line in lines)
+  assert any("6 input files" in line for line in lines)
   assert any("broken.png" in line and "truncated" in line for line in lines)  # kept
-  assert done.stdout.splitlines()[-1].startswith("hrnet-beam done: 5 inputs, 4 rows, 1 errors")
+  assert done.stdout.splitlines()[-1].startswith("hrnet-beam done: 6 inputs, 5 rows, 1 errors")
 
 
 def test_worker_processes_stay_quiet_but_their_warnings_show(demo_images, tmp_path):
@@ -119,7 +119,7 @@ def test_worker_processes_stay_quiet_but_their_warnings_show(demo_images, tmp_pa
   lines = (done.stdout + done.stderr).splitlines()
   assert not [line for line in lines if NOISE.search(line) or "Worker:" in line], lines
   assert "WARNING: Skipping " in done.stderr and "broken.png" in done.stderr
-  assert done.stdout.splitlines()[-1].startswith("hrnet-beam done: 5 inputs, 4 rows, 1 errors")
+  assert done.stdout.splitlines()[-1].startswith("hrnet-beam done: 6 inputs, 5 rows, 1 errors")
 
 
 def test_log_level_info_shows_the_libraries_logs(demo_images, tmp_path):
@@ -158,7 +158,7 @@ def test_progress_on_a_terminal_is_one_line_updated_in_place(demo_images, tmp_pa
   bar = [part for part in output.split("\r") if part.startswith("hrnet-beam: ")
          and "inputs |" in part]
   assert len(bar) >= 2, output
-  assert re.search(r"hrnet-beam: 5/5 inputs \|.*\| \d\d:\d\d<\d\d:\d\d, 1 errors, "
+  assert re.search(r"hrnet-beam: 6/6 inputs \|.*\| \d\d:\d\d<\d\d:\d\d, 1 errors, "
                    r"[\d.]+ tiles/s", bar[-1]), bar[-1]
   assert "progress:" not in output   # no plain lines on a terminal
   assert not [line for line in output.splitlines() if NOISE.search(line)]
