@@ -110,3 +110,16 @@ def labels_for_handle(handle: str) -> Optional[LabelSet]:
     if data.get("handle", "").rstrip("/") == handle.rstrip("/"):
       return parse_labels(data, path)
   return None
+
+
+def model_labels(handle: str, model_dir: str,
+                 labels_file: Optional[str] = None) -> Optional[LabelSet]:
+  """The labels a model runs with, in the job's order: a labels file given by the user,
+  else the labels.json beside the model, else the packaged labels for its handle; None
+  when none applies. Raises OSError or ValueError for a labels file that cannot be read."""
+  if labels_file:
+    return read_labels(labels_file)
+  beside = os.path.join(model_dir, MODEL_LABELS_FILE)
+  if os.path.exists(beside):
+    return read_labels(beside)
+  return labels_for_handle(handle)

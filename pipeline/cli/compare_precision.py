@@ -198,9 +198,7 @@ def main(argv=None, prog: str | None = None) -> int:
           file=sys.stderr)
     return EXIT_UNSUPPORTED
   model_dir = resolve_model_dir(args.model)
-  beside = os.path.join(model_dir, labels_lib.MODEL_LABELS_FILE)
-  labels = (labels_lib.read_labels(beside) if os.path.exists(beside)
-            else labels_lib.labels_for_handle(args.model))
+  labels = labels_lib.model_labels(args.model, model_dir)
   mapping = parse_channel_mapping(args.channel_mapping or
                                   (labels.channel_mapping if labels else None) or "rgb")
   tiles = model_tiles(args.input, args.tile_size, args.tile_overlap, args.max_tiles, mapping)

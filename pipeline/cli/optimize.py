@@ -53,12 +53,7 @@ def optimize(model: str, precision: str, calibration: list, to: str, tile_size: 
   from transforms.inference.openvino_engine import INT8
   from transforms.tiling.channels import parse_channel_mapping
   source = load_hrnet(model)
-  if labels_file:
-    labels = labels_lib.read_labels(labels_file)
-  else:
-    beside = os.path.join(source.local_dir, labels_lib.MODEL_LABELS_FILE)
-    labels = (labels_lib.read_labels(beside) if os.path.exists(beside)
-              else labels_lib.labels_for_handle(model))
+  labels = labels_lib.model_labels(model, source.local_dir, labels_file)
   num_classes, feature_dim, _ = source.probe()
   if labels is None:
     labels = labels_lib.generic_labels(num_classes)

@@ -397,15 +397,12 @@ def _model_handle(model: str) -> str:
 
 
 def _resolve_labels(options, handle: str, model_dir: str):
-  if options.labels_file:
-    try:
-      return labels_lib.read_labels(options.labels_file)
-    except (OSError, ValueError) as e:
-      raise ConfigError(f"--labels_file {options.labels_file}: {e}") from e
-  beside_model = os.path.join(model_dir, labels_lib.MODEL_LABELS_FILE)
-  if os.path.exists(beside_model):
-    return labels_lib.read_labels(beside_model)
-  return labels_lib.labels_for_handle(handle)
+  try:
+    return labels_lib.model_labels(handle, model_dir, options.labels_file)
+  except (OSError, ValueError) as e:
+    where = (f"--labels_file {options.labels_file}" if options.labels_file else
+             f"{model_dir}/{labels_lib.MODEL_LABELS_FILE}")
+    raise ConfigError(f"{where}: {e}") from e
 
 
 def _positive(name: str, value) -> None:
