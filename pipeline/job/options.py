@@ -169,10 +169,12 @@ class HRNetOptions(PipelineOptions):
              "results.")
 
     groups["tiling"].add_argument(
-        "--model_batch_size", type=int, default=1,
-        help="Tiles per model call: a fixed shape, partial groups are padded. 1 is fastest "
-             "on CPUs; raise it on GPUs. Features differ in their last bits between "
-             "different values (kernels are chosen by batch size).")
+        "--model_batch_size", type=int, default=None,
+        help="Tiles per model call: a fixed shape, partial groups are padded. Default: 1 "
+             "for TensorFlow (fastest on CPUs; raise it on GPUs), 2 for an optimized "
+             "(OpenVINO) model (measured 9%% faster at int8 than 1). Features differ in "
+             "their last bits between different values (kernels are chosen by batch "
+             "size); each file's metadata records it.")
 
     groups["outputs"].add_argument(
         "--output", default=None,
@@ -527,6 +529,9 @@ def _extra_output(flag: str, prefix: str, name: str, needs: str, outputs: tuple,
   return prefix
 
 
+OPENVINO_MODEL_BATCH = 2   # W48 int8, 1024 px images: 9% more tiles/s than 1 (PERFORMANCE.md)
+
+
 def _patches(options, outputs: tuple, run_id: str) -> tuple:
   """(GeoParquet prefix or None, patch size or None), checked."""
   if options.patch_size < MIN_PATCH_SIZE:
@@ -622,14 +627,16 @@ def job_config_from_options(options: HRNetOptions,
   except ValueError as e:
     raise ConfigError(f"--channel_mapping: {e}") from e
   _check_optimized_shape(info, tiling)
+  model_batch_size = options.model_batch_size or (
+      OPENVINO_MODEL_BATCH if info.engine == "openvino" else 1)
   model = ModelConfig(handle, labels, info.feature_dim, info.has_fused_function,
                       options.model_cache_dir, mapping, options.precision,
                       options.precision_fallback, info.scores_kind, info.engine,
                       json.dumps(info.manifest, sort_keys=True) if info.manifest else "")
   inference = InferenceConfig(
       outputs=outputs, min_batch_size=1,
-      max_batch_size=max(options.batch_size, options.model_batch_size),
-      model_batch_size=options.model_batch_size,
+      max_batch_size=max(options.batch_size, model_batch_size),
+      model_batch_size=model_batch_size,
       share_model_across_processes=options.share_model_across_processes,
       model_copies=options.model_copies, max_error_fraction=options.max_error_fraction,
       require_gpu=_asks_for_gpu(options), intra_op_threads=threads[0],

@@ -86,6 +86,7 @@ def test_job_on_the_ir_matches_tensorflow_and_records_the_engine(optimized, tiny
     assert row["mean_confidence"] == pytest.approx(twin["mean_confidence"], abs=1e-4)
   metadata = pq.read_schema(next((tmp_path / "ov").glob("rows-*.parquet"))).metadata
   assert metadata[b"hrnet_beam.engine"] == b"openvino"
+  assert metadata[b"hrnet_beam.model_batch_size"] == b"2"   # the optimized default
   manifest = json.loads(metadata[b"hrnet_beam.optimized_model_manifest"])
   assert manifest["source_model"] == tiny_model and manifest["precision"] == "float32"
 

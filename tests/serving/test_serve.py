@@ -159,6 +159,8 @@ def test_server_serves_only_the_jobs_own_files(server):
   status, body = _get(base + "/api/images?where=" + urllib.request.quote("nope >= 0.1"))
   assert status == 400 and b"no class" in body
   total = json.loads(_get(base + "/api/images")[1])["total"]
+  page = json.loads(_get(base + "/api/images?offset=10&limit=5")[1])
+  assert page["total"] == total == 12 and [i["row"] for i in page["images"]] == [10, 11]
   name = output.class_names[int(np.nanargmax(np.nanmean(output._fractions, axis=0)))]  # pylint: disable=protected-access
   some = json.loads(_get(base + "/api/images?where=" + urllib.request.quote(
       f"{name} >= 0.5"))[1])
