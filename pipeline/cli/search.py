@@ -56,14 +56,13 @@ def embed_image(path: str, manifest: dict) -> np.ndarray:
   return vector
 
 
-def _format(hit, level: str) -> str:
+def _format(hit) -> str:
   where = hit.image_id + (f"  patch {hit.patch[0]},{hit.patch[1]} (y {hit.box[0]}-"
                           f"{hit.box[2]}, x {hit.box[1]}-{hit.box[3]})" if hit.patch else "")
   fractions = ""
   if hit.class_fractions:
     top = sorted(hit.class_fractions.items(), key=lambda kv: -(kv[1] or 0))[:3]
     fractions = "  " + ", ".join(f"{name} {value:.2f}" for name, value in top if value)
-  del level
   return f"{hit.rank:>3}  {hit.score:7.4f}  {where}{fractions}"
 
 
@@ -113,5 +112,5 @@ def main(argv=None, prog: str | None = None) -> int:
     print(f"{len(hits)} nearest {kind} (score: cosine similarity of "
           f"{searcher.manifest['normalization']} vectors)")
     for hit in hits:
-      print(_format(hit, searcher.level))
+      print(_format(hit))
   return 0

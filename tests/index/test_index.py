@@ -126,3 +126,34 @@ def test_index_from_and_to_a_bucket_then_search_it(bucket, tmp_path):
   row = searcher.row_of("gs://bucket/bucketed-000004.tif", (0, 5))
   hits = searcher.search(searcher.stored_vector(row), k=3, exclude=row)
   assert len(hits) == 3 and row not in {h.id for h in hits}
+
+
+def test_rows_written_before_vector_columns_are_indexed(tmp_path):
+  """An output directory with rows of an earlier version (pooled_features list<float>,
+  null for an image without valid pixels) beside new ones: all are indexed."""
+  import json  # pylint: disable=import-outside-toplevel
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(4)
+  vectors = rng.normal(size=(30, 16)).astype(np.float32)
+  metadata = {"hrnet_beam.model": "m", "hrnet_beam.feature_dim": "16",
+              "hrnet_beam.outputs": "masks,features",
+              "hrnet_beam.class_names": json.dumps(NAMES[:2])}
+  old = pa.table({"image_id": [f"old{i}" for i in range(10)],
+                  "source": [f"old{i}" for i in range(10)],
+                  "pooled_features": pa.array([None] + vectors[1:10].tolist(),
+                                              pa.list_(pa.float32()))})
+  pq.write_table(old.replace_schema_metadata(metadata),
+                 tmp_path / "segmentations-r0-00000-of-00001.parquet")
+  new = pa.table({"image_id": [f"new{i}" for i in range(20)],
+                  "source": [f"new{i}" for i in range(20)],
+                  "pooled_features": pa.FixedSizeListArray.from_arrays(
+                      pa.array(vectors[10:].ravel()), 16)})
+  pq.write_table(new.replace_schema_metadata(metadata),
+                 tmp_path / "segmentations-r1-00000-of-00001.parquet")
+  report = index_cli.index(f"{tmp_path}/", str(tmp_path / "index"), normalization="plain")
+  assert report.vectors == 29 and report.skipped_no_valid_pixels == 1
+  searcher = Searcher(str(tmp_path / "index"))
+  row = searcher.row_of("old3")
+  np.testing.assert_array_equal(searcher.stored_vector(row), vectors[3])
+  assert searcher.search(vectors[3], k=1)[0].image_id == "old3"

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.index.vectors import (LEVEL_PATCH, WHITENED, VectorFiles, VectorTransform,
-                                      count_rows, fit_transform, iter_batches, normalize)
+from transforms.index.vectors import (WHITENED, VectorFiles, VectorTransform, count_rows,
+                                      fit_transform, iter_batches, normalize)
 
 logger = logging.getLogger(__name__)
 
@@ -165,14 +165,15 @@ def _sample_positions(total: int, size: int, seed: int) -> np.ndarray:
 
 
 def _gather(files: VectorFiles, positions: np.ndarray, paths=None) -> np.ndarray:
-  """The vectors at these sorted positions (among the kept rows, in file order); copies,
-  so no batch stays alive behind them."""
+  """The vectors of the rows at these sorted positions (among all rows, in file order),
+  less rows without a vector; copies, so no batch stays alive behind them."""
   out, start = [], 0
-  for _, vectors, _, _ in iter_batches(files, paths):
-    end = start + len(vectors)
-    inside = positions[(positions >= start) & (positions < end)]
-    if len(inside):
-      out.append(vectors[inside - start])
+  for _, vectors, _, kept in iter_batches(files, paths):
+    end = start + len(kept)
+    inside = positions[(positions >= start) & (positions < end)] - start
+    inside = inside[kept[inside]]
+    if len(inside):   # a row's place among the batch's kept rows
+      out.append(vectors[np.cumsum(kept)[inside] - 1])
     start = end
     if start > positions[-1]:
       break
@@ -294,7 +295,7 @@ def _write_bytes(path: str, data: bytes) -> None:
     f.write(data)
 
 
-def _ids_table(tables: list, files: VectorFiles, first_id: int) -> pa.Table:
+def _ids_table(tables: list, first_id: int) -> pa.Table:
   table = pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
   return table.add_column(0, "id", pa.array(
       np.arange(first_id, first_id + table.num_rows, dtype=np.int64)))
@@ -306,16 +307,15 @@ def build_index(files: VectorFiles, max_memory: int, normalization: str = WHITEN
   """(faiss index, manifest dict, ids Table, VectorTransform, Report) for all vectors."""
   import faiss  # pylint: disable=import-outside-toplevel
   started = time.perf_counter()
-  kept_total = 0
-  # One pass to count the rows with a vector (an image without valid pixels has none).
-  for _, vectors, _, _ in iter_batches(files):
-    kept_total += len(vectors)
-  if not kept_total:
+  # Rows counted from the files' footers: rows without a vector (no valid pixel) are
+  # few, and are only left out of the sample, not worth a pass over every vector.
+  rows = count_rows(files.files)
+  sample = _gather(files, _sample_positions(rows, max(min(rows, MAX_TRAIN), RECALL_QUERIES),
+                                            seed))
+  if not len(sample):
     raise ValueError("no vector to index: every row lacks a valid pixel")
-  sample_size = max(min(kept_total, MAX_TRAIN), RECALL_QUERIES)
-  sample = _gather(files, _sample_positions(kept_total, sample_size, seed))
   transform = fit_transform(sample, normalization)
-  plan = plan_index(kept_total, transform.output_dim, max_memory, exact_below)
+  plan = plan_index(rows, transform.output_dim, max_memory, exact_below)
   sample = normalize(sample, transform)
   index = faiss.index_factory(transform.output_dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
   if plan.nlist:
@@ -326,14 +326,16 @@ def build_index(files: VectorFiles, max_memory: int, normalization: str = WHITEN
   del sample
   exact = _ExactTopK(queries, K)
   tables, next_id, skipped = [], 0, 0
-  for _, vectors, table, dropped in iter_batches(files, with_ids=True):
-    skipped += dropped
+  for _, vectors, table, kept in iter_batches(files, with_ids=True):
+    skipped += int((~kept).sum())
     vectors = normalize(vectors, transform)
     exact.add(vectors, next_id)
     index.add(vectors)
     tables.append(table)
     next_id += len(vectors)
-  ids = _ids_table(tables, files, 0)
+  if not index.ntotal:
+    raise ValueError("no vector to index: every row lacks a valid pixel")
+  ids = _ids_table(tables, 0)
   report = Report(vectors=index.ntotal, skipped_no_valid_pixels=skipped,
                   index_type=plan.factory, why=plan.why, max_memory_bytes=max_memory,
                   normalization=transform.describe())
@@ -389,19 +391,17 @@ def append_index(index_files: IndexFiles, files: VectorFiles, new_paths: list) -
   transform = index_files.read_transform()
   ids = index_files.read_ids()
   tables, next_id, skipped = [ids], index.ntotal, 0
-  for _, vectors, table, dropped in iter_batches(files, new_paths, with_ids=True):
-    skipped += dropped
+  for _, vectors, table, kept in iter_batches(files, new_paths, with_ids=True):
+    skipped += int((~kept).sum())
     index.add(normalize(vectors, transform))
-    tables.append(_ids_table([table], files, next_id))
+    tables.append(_ids_table([table], next_id))
     next_id += len(vectors)
   ids = pa.concat_tables(tables, promote_options="default")
   all_files = VectorFiles(files.level, tuple(manifest["files"]) + tuple(new_paths), files.dim,
                           files.model, files.class_names, files.patch_size, files.metadata)
   # Recall is measured against exact search over every vector now indexed.
-  rng = np.random.default_rng(manifest.get("seed", 0) + 2)
-  positions = np.sort(rng.choice(index.ntotal, size=min(RECALL_QUERIES, index.ntotal),
-                                 replace=False))
-  queries = normalize(_gather(all_files, positions), transform)
+  queries = normalize(_gather(all_files, _sample_positions(
+      count_rows(all_files.files), RECALL_QUERIES, manifest.get("seed", 0) + 2)), transform)
   exact = _ExactTopK(queries, K)
   first = 0
   for _, vectors, _, _ in iter_batches(all_files):
@@ -419,10 +419,3 @@ def append_index(index_files: IndexFiles, files: VectorFiles, new_paths: list) -
                   report=dataclasses.asdict(report))
   return index, manifest, ids, transform, report
 
-
-def level_of(manifest: dict) -> str:
-  return manifest["level"]
-
-
-def is_patch_level(manifest: dict) -> bool:
-  return manifest["level"] == LEVEL_PATCH

@@ -54,5 +54,22 @@ def evaluate(clauses: tuple, fractions: np.ndarray) -> np.ndarray:
   return keep
 
 
+def fraction_matrix(table, class_names) -> np.ndarray:
+  """(rows, classes) float32 of a Table's class_fractions column, by class name; NaN
+  where a row has none (no mask) or the column is missing."""
+  rows = table.num_rows
+  if "class_fractions" not in table.column_names:
+    return np.full((rows, len(class_names)), np.nan, np.float32)
+  struct = table.column("class_fractions").combine_chunks()
+  missing = np.asarray(struct.is_null()) if struct.null_count else None
+  columns = []
+  for name in class_names:
+    values = struct.field(name).to_numpy(zero_copy_only=False).astype(np.float32)
+    if missing is not None:
+      values[missing] = np.nan
+    columns.append(values)
+  return np.stack(columns, axis=1) if columns else np.zeros((rows, 0), np.float32)
+
+
 def describe(clauses: tuple, class_names) -> str:
   return " and ".join(f"{class_names[c]} {op} {value:g}" for c, op, value in clauses)

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from transforms.index.build import IndexFiles, _search_params, _set_nprobe
-from transforms.index.filters import evaluate, parse_where
+from transforms.index.filters import FilterError, evaluate, fraction_matrix, parse_where
 from transforms.index.vectors import (LEVEL_PATCH, VECTOR_COLUMN, VectorFiles, normalize,
                                       read_vector)
 
@@ -54,22 +54,8 @@ class Searcher:
       _set_nprobe(self.index, self.manifest["nprobe"])
     self._columns = {name: self.ids.column(name).to_numpy(zero_copy_only=False)
                      for name in ("image_id", "source")}
-    self._fractions = self._fraction_matrix()
+    self._fractions = fraction_matrix(self.ids, self.class_names)
     self._position = None
-
-  def _fraction_matrix(self) -> np.ndarray:
-    """(rows, classes) float32, NaN where a row has no fractions (no mask)."""
-    if "class_fractions" not in self.ids.column_names or not self.class_names:
-      return np.full((self.ids.num_rows, len(self.class_names)), np.nan, np.float32)
-    struct = self.ids.column("class_fractions").combine_chunks()
-    columns = []
-    for i in range(len(self.class_names)):
-      field = struct.field(i)
-      values = field.to_numpy(zero_copy_only=False).astype(np.float32)
-      if struct.null_count:
-        values[np.asarray(struct.is_null())] = np.nan
-      columns.append(values)
-    return np.stack(columns, axis=1) if columns else np.zeros((self.ids.num_rows, 0))
 
   @property
   def has_fractions(self) -> bool:
@@ -115,7 +101,6 @@ class Searcher:
     if not clauses:
       return None
     if not self.has_fractions:
-      from transforms.index.filters import FilterError  # pylint: disable=import-outside-toplevel
       raise FilterError("--where needs class fractions, and these rows have none: the job "
                         "ran without masks")
     return evaluate(clauses, self._fractions)

@@ -83,17 +83,17 @@ def describe_files(paths: list, level: str) -> VectorFiles:
               if level == LEVEL_PATCH else "")
       raise IndexInputError(f"{path} has no {column} column{hint}")
     field = schema.field(column)
-    if not pa.types.is_fixed_size_list(field.type):
-      raise IndexInputError(f"{path}: {column} holds no vectors (type {field.type}): the "
-                            "job ran without 'features' in --outputs")
     meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()
             if k.startswith(b"hrnet_beam.")}
+    size = _vector_size(field, meta)
+    if size is None:
+      raise IndexInputError(f"{path}: {column} holds no vectors (type {field.type}): the "
+                            "job ran without 'features' in --outputs")
     if first is None:
-      first = (field.type.list_size, meta)
-    elif (field.type.list_size, meta.get("hrnet_beam.model")) != (
-        first[0], first[1].get("hrnet_beam.model")):
+      first = (size, meta)
+    elif (size, meta.get("hrnet_beam.model")) != (first[0], first[1].get("hrnet_beam.model")):
       raise IndexInputError(f"{path} holds vectors of another model or size "
-                            f"({meta.get('hrnet_beam.model')}, {field.type.list_size}) than "
+                            f"({meta.get('hrnet_beam.model')}, {size}) than "
                             f"{paths[0]} ({first[1].get('hrnet_beam.model')}, {first[0]})")
   dim, meta = first
   patch_size = meta.get("hrnet_beam.patch_size")
@@ -102,29 +102,53 @@ def describe_files(paths: list, level: str) -> VectorFiles:
                      int(patch_size) if patch_size else None, meta)
 
 
+def _vector_size(field: pa.Field, meta: dict) -> Optional[int]:
+  """The vectors' size: a fixed-size list's, or for files written before vector columns
+  (list<float>) the feature_dim their metadata gives when features were computed."""
+  if pa.types.is_fixed_size_list(field.type):
+    return field.type.list_size
+  outputs = meta.get("hrnet_beam.outputs", "features").split(",")
+  if pa.types.is_list(field.type) and "features" in outputs and meta.get(
+      "hrnet_beam.feature_dim"):
+    return int(meta["hrnet_beam.feature_dim"])
+  return None
+
+
+def _as_matrix(column, dim: int) -> np.ndarray:
+  """(rows, dim) float32 of a vector column; NaN rows where a list<float> row is null."""
+  if pa.types.is_fixed_size_list(column.type):
+    return column.flatten().to_numpy(zero_copy_only=False).astype(
+        np.float32, copy=False).reshape(-1, dim)
+  whole = np.asarray(column.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+                     == dim)
+  matrix = np.full((len(column), dim), np.nan, np.float32)
+  matrix[whole] = column.filter(pa.array(whole)).flatten().to_numpy(
+      zero_copy_only=False).reshape(-1, dim)
+  return matrix
+
+
 def count_rows(paths) -> int:
   return sum(_open(path).metadata.num_rows for path in paths)
 
 
 def iter_batches(files: VectorFiles, paths=None, with_ids: bool = False
                  ) -> Iterator[tuple]:
-  """(path, vectors (n, dim) float32, id columns as a pyarrow Table or None) per batch,
-  in file order; rows with a non-finite vector (an image without a valid pixel) are
-  left out here and counted by the caller from `kept`."""
+  """(path, vectors (n, dim) float32, id columns as a pyarrow Table or None, kept) per
+  batch, in file order. Rows without a vector (non-finite: an image without a valid
+  pixel) are left out of vectors and ids; kept (rows,) bool says which rows stayed."""
   for path in (paths or files.files):
     handle = _open(path)
     names = handle.schema_arrow.names
     columns = [files.column] + ([c for c in _ID_COLUMNS[files.level] if c in names]
                                 if with_ids else [])
     for batch in handle.iter_batches(batch_size=BATCH_ROWS, columns=columns):
-      vectors = batch.column(0).flatten().to_numpy(zero_copy_only=False).astype(
-          np.float32, copy=False).reshape(-1, files.dim)
+      vectors = _as_matrix(batch.column(0), files.dim)
       kept = np.isfinite(vectors).all(axis=1)
       table = None
       if with_ids:
         table = pa.Table.from_batches([batch]).drop_columns([files.column]).filter(
             pa.array(kept))
-      yield path, np.ascontiguousarray(vectors[kept]), table, int((~kept).sum())
+      yield path, np.ascontiguousarray(vectors[kept]), table, kept
 
 
 @dataclasses.dataclass(frozen=True)

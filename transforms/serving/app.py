@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
-from transforms.index.filters import FilterError, evaluate, parse_where
+from transforms.index.filters import FilterError, evaluate, fraction_matrix, parse_where
 from transforms.types import NODATA_CLASS
 
 __all__ = ["JobOutput", "make_server"]
@@ -75,12 +75,7 @@ class JobOutput:
     self.searcher = searcher
     self._records = self.rows.to_pylist()
     self._by_image_id = {r["image_id"]: i for i, r in enumerate(self._records)}
-    self._fractions = np.array(
-        [[np.nan if not r.get("class_fractions") else (r["class_fractions"][n]
-                                                        if r["class_fractions"][n] is not None
-                                                        else np.nan)
-          for n in self.class_names] for r in self._records], np.float32).reshape(
-              len(self._records), len(self.class_names))
+    self._fractions = fraction_matrix(self.rows, self.class_names)
     self._lock = threading.Lock()
 
   # ---- JSON ----
