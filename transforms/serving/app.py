@@ -162,8 +162,12 @@ class JobOutput:
     record = self._record(row)
     if record.get("block_y") is not None or "#" in record["image_id"]:
       raise NotFound("blocks of huge rasters and shard records have no picture here")
-    with FileSystems.open(record["source"]) as f:
-      pixels = decode_image(f.read(), MAX_SOURCE_PIXELS)
+    try:
+      with FileSystems.open(record["source"]) as f:
+        data = f.read()
+    except (OSError, IOError) as e:   # moved, deleted, or a relative path from elsewhere
+      raise NotFound(f"source image {record['source']} cannot be read from here: {e}") from e
+    pixels = decode_image(data, MAX_SOURCE_PIXELS)
     if pixels.dtype != np.uint8:
       pixels = (pixels.astype(np.float32) / np.iinfo(pixels.dtype).max * 255).astype(np.uint8)
     return pixels
