@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -179,3 +180,111 @@ def test_optimize_converts_the_head_found_in_a_hub_style_model(tiny_model_unfuse
   manifest = read_manifest(str(tmp_path / "unfused"))
   assert manifest["one_pass"] != "two passes" and "head" in manifest["one_pass"]
   assert report["pixel_agreement"] > 0.999 and report["feature_cosine_min"] > 0.99999
+
+
+@pytest.mark.parametrize("kind", ["probabilities", "logits"])
+def test_post_processing_graph_reproduces_the_qa_definition(kind):
+  """OpenVINO's post-processing and the numpy sums after it give what confidence.py
+  defines from probabilities: argmax (first of ties), the QA sums, confidence and
+  pseudo-label maps; pooling by cell and patch weights equals the float64 sums."""
+  import openvino as ov  # pylint: disable=import-outside-toplevel
+  from transforms.inference.confidence import (IGNORE_VALUE, reference_qa,  # pylint: disable=import-outside-toplevel
+                                               tile_summaries)
+  from transforms.inference.openvino_engine import (compile_config,  # pylint: disable=import-outside-toplevel
+                                                    post_processing_model)
+  rng = np.random.default_rng(3)
+  classes, features_dim, batch, height, width = 5, 12, 2, 32, 48
+  logits = rng.normal(0, 2, (batch, height, width, classes)).astype(np.float32)
+  logits[0, :4, :4, 1:3] = 9.0   # exact ties for the top: argmax takes the first
+  probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+  probabilities = (probabilities / probabilities.sum(-1, keepdims=True)).astype(np.float32)
+  scores = probabilities if kind == "probabilities" else logits
+  features = rng.normal(size=(batch, height // 4, width // 4, features_dim)).astype(np.float32)
+  cell_weights = rng.random((batch, height // 4, width // 4)).astype(np.float32)
+  patch_weights = rng.random((batch, 3, height // 4, width // 4)).astype(np.float32)
+  pixel_weights = (rng.random((batch, height, width)) > 0.2).astype(np.float32)
+  compiled = ov.Core().compile_model(
+      post_processing_model(classes, features_dim, kind, True), "CPU",
+      compile_config("float32"))   # as the engine compiles it: float32 on any CPU
+  out = compiled({"features": features, "cell_weights": cell_weights,
+                  "patch_weights": patch_weights, "scores": scores})
+  out = {name: out[compiled.output(name)] for name in ("pooled", "patches", "class_ids",
+                                                       "stats")}
+  np.testing.assert_array_equal(out["class_ids"], probabilities.argmax(-1))
+  np.testing.assert_allclose(out["pooled"], np.einsum(
+      "bhw,bhwf->bf", cell_weights.astype(np.float64), features), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out["patches"], np.einsum(
+      "bshw,bhwf->bsf", patch_weights.astype(np.float64), features), rtol=1e-5, atol=1e-5)
+  confidence, pseudo, qa, class_confidence = tile_summaries(
+      out["class_ids"], out["stats"], pixel_weights, classes, 0.5, 0.4, True)
+  for b in range(batch):
+    expected = reference_qa(probabilities[b], pixel_weights[b] > 0, 0.5)
+    counted = pixel_weights[b].sum()
+    for i, name in enumerate(("mean_confidence", "mean_margin", "mean_entropy",
+                              "low_confidence_fraction")):
+      assert qa[b, i] / counted == pytest.approx(expected[name], abs=1e-5), name
+    counts = np.bincount(probabilities[b].argmax(-1)[pixel_weights[b] > 0],
+                         minlength=classes)
+    np.testing.assert_allclose(class_confidence[b] / np.maximum(counts, 1), [
+        0 if c is None else c for c in expected["class_mean_confidence"]], atol=1e-5)
+  top = probabilities.max(-1)
+  assert np.abs(confidence.astype(int) - np.round(top * 255)).max() <= 1
+  np.testing.assert_array_equal(pseudo == IGNORE_VALUE, top < np.float32(0.4))
+
+
+def test_openvino_engine_matches_tensorflow_post_processing_on_the_same_ir(optimized):
+  """The TensorFlow-free engine against the TensorFlow engine's post-processing around the
+  same compiled IR (the path --tta takes): same class ids and pseudo-labels, QA sums and
+  pooled features equal to float32 rounding."""
+  from transforms.inference.model import load_hrnet  # pylint: disable=import-outside-toplevel
+  model = load_hrnet(str(optimized[0] / "int8"))
+  assert type(model).__name__ == "OpenVinoHRNet"
+  rng = np.random.default_rng(5)
+  images = rng.random((2, TILE, TILE, 3)).astype(np.float32)
+  cells = (TILE // 4, TILE // 4)
+  cell_weights = (rng.random((2, *cells)) > 0.3).astype(np.float32)
+  pixel_weights = np.ones((2, TILE, TILE), np.float32)
+  pixel_weights[1, :, :40] = 0
+  patch_weights = rng.random((2, 4, *cells)).astype(np.float32)
+  args = (images, True, True, cell_weights, pixel_weights, 0.5, 0.3)
+  ours = model.infer_tiles(*args, patch_weights=patch_weights)
+  reference = model._tensorflow_engine().infer_tiles(  # pylint: disable=protected-access
+      *args, patch_weights=patch_weights)
+  np.testing.assert_array_equal(ours.class_ids, reference.class_ids)
+  np.testing.assert_array_equal(ours.pseudo_labels, reference.pseudo_labels)
+  assert np.abs(ours.confidence.astype(int) - reference.confidence).max() <= 1
+  np.testing.assert_allclose(ours.qa_sums, reference.qa_sums, rtol=1e-5)
+  np.testing.assert_allclose(ours.class_confidence_sums, reference.class_confidence_sums,
+                             rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(ours.features, reference.features, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(ours.patch_features, reference.patch_features, rtol=1e-4,
+                             atol=1e-3)
+  only_features = model.infer_tiles(images, False, True, cell_weights, pixel_weights)
+  assert only_features.class_ids is None
+  np.testing.assert_allclose(only_features.features, ours.features, rtol=1e-5, atol=1e-4)
+
+
+def test_a_job_on_an_optimized_model_never_imports_tensorflow(optimized, images, tmp_path):
+  """Start-up on the OpenVINO engine: the launcher's check and the worker load no
+  TensorFlow (seconds of import per worker process); --tta still works, through it."""
+  code = ("import sys; from pipeline.job import run; "
+          "summary = run(sys.argv[1:]); assert summary.rows == 4, summary; "
+          "print('TENSORFLOW', 'tensorflow' in sys.modules)")
+  common = ["--input", str(images / "*.png"), "--model", str(optimized[0] / "int8"),
+            "--tile_size", str(TILE), "--tile_overlap", str(OVERLAP), "--patch_output",
+            str(tmp_path / "patches"), "--patch_size", "64"]
+  for tta, imported in (("none", False), ("flip", True)):
+    done = subprocess.run([sys.executable, "-c", code, *common, "--output",
+                           str(tmp_path / tta / "rows"), "--tta", tta],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"TENSORFLOW {imported}" in done.stdout
+    rows = read_rows(tmp_path / tta / "rows")
+    assert {r["engine"] for r in rows.values()} == {"openvino"}
+    assert {r["augmentation"] for r in rows.values()} == {tta}
+
+
+def test_an_optimized_model_asked_for_a_gpu_stops_with_the_fix(optimized, images, tmp_path):
+  with pytest.raises(Exception, match="runs on the CPU .*drop --require_gpu"):
+    run_job("--input", images / "0.png", "--output", tmp_path / "rows", "--model",
+            optimized[0] / "int8", "--tile_size", TILE, "--require_gpu")

@@ -62,3 +62,31 @@ def pseudo_label(class_ids: np.ndarray, confidence: np.ndarray, ignore_below: fl
   pseudo = np.array(class_ids, np.uint8)
   pseudo[(confidence < ignore_below) & (pseudo != NODATA_CLASS)] = IGNORE_VALUE
   return pseudo
+
+
+def tile_summaries(class_ids: np.ndarray, stats: np.ndarray, pixel_weights: np.ndarray,
+                   num_classes: int, threshold: float, ignore_below: float | None,
+                   want_confidence: bool) -> tuple:
+  """The per-tile QA from per-pixel values computed where the model runs: class ids
+  (B, H, W) and stats (B, 3, H, W) = confidence, margin, normalised entropy (float32).
+
+  Returns (confidence as 8 bits or None, pseudo-labels or None, QA sums (B, 4) and
+  per-class confidence sums (B, classes)); the sums are float64 over pixel_weights, as
+  the TensorFlow engine's, so they do not depend on the order of a float32 reduction."""
+  batch = len(class_ids)
+  confidence = stats[:, 0]
+  weights = np.asarray(pixel_weights, np.float64).reshape(batch, -1, 1)
+  per_pixel = np.concatenate([np.asarray(stats, np.float64).reshape(batch, 3, -1),
+                              (confidence < threshold).reshape(batch, 1, -1)], axis=1)
+  qa = np.matmul(per_pixel, weights)[..., 0]
+  weighted = weights[..., 0] * confidence.reshape(batch, -1).astype(np.float64)
+  class_confidence = np.stack([
+      np.bincount(ids.ravel(), weights=w, minlength=num_classes)[:num_classes]
+      for ids, w in zip(class_ids, weighted)])
+  confidence_8bit = (np.round(confidence * np.float32(255)).astype(np.uint8)
+                     if want_confidence else None)
+  pseudo = None
+  if ignore_below is not None:
+    pseudo = np.where(confidence < ignore_below, np.uint8(IGNORE_VALUE),
+                      class_ids).astype(np.uint8)
+  return confidence_8bit, pseudo, qa, class_confidence

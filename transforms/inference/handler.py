@@ -16,7 +16,8 @@ from apache_beam.ml.inference.base import ModelHandler
 from transforms.config import InferenceConfig, ModelConfig
 from transforms.embeddings.patches import patch_slots, tile_patch_weights
 from transforms.inference.confidence import QA_SUMS
-from transforms.inference.model import FEATURE_STRIDE, LoadedHRNet, TileOutputs, load_hrnet
+from transforms.inference.loaded import LoadedModel, TileOutputs
+from transforms.inference.model import FEATURE_STRIDE, load_hrnet
 from transforms.metrics import METRICS_NAMESPACE
 from transforms.tiling.channels import map_channels, to_unit_float
 from transforms.tiling.grid import cell_weight_map, own_box_in_tile
@@ -30,7 +31,7 @@ def _is_out_of_memory(error: Exception) -> bool:
   return name == "ResourceExhaustedError" or "out of memory" in str(error).lower()
 
 
-class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
+class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedModel]):
   """RunInference handler: batches of Tiles in, one TileResult per tile out.
 
   The model is always called with the same batch shape (`model_batch_size` tiles, a
@@ -56,7 +57,7 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
     self._call_size = inference.model_batch_size
     self._metrics = None
 
-  def load_model(self) -> LoadedHRNet:
+  def load_model(self) -> LoadedModel:
     return load_hrnet(self._model_config.handle, self._model_config.cache_dir,
                       self._inference.require_gpu, self._model_config.precision,
                       self._model_config.precision_fallback,
@@ -78,7 +79,7 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
           "load_ids": beam.metrics.Metrics.string_set(METRICS_NAMESPACE, "model_load_ids")}
     return self._metrics
 
-  def run_inference(self, batch: Sequence[Tile], model: LoadedHRNet,
+  def run_inference(self, batch: Sequence[Tile], model: LoadedModel,
                     inference_args: Optional[dict[str, Any]] = None) -> Iterable[TileResult]:
     counters = self._counters()
     counters["load_ids"].add(model.load_id())
@@ -86,7 +87,7 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
     counters["tiles_failed"].inc(sum(1 for r in results if r.error is not None))
     return results
 
-  def _infer_or_split(self, tiles: list, model: LoadedHRNet) -> list:
+  def _infer_or_split(self, tiles: list, model: LoadedModel) -> list:
     shapes = list(dict.fromkeys((t.spec.height, t.spec.width) for t in tiles))
     if len(shapes) > 1:   # one model call per tile shape; results in the batch's order
       results = {}
@@ -122,7 +123,7 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedHRNet]):
       return (self._infer_or_split(tiles[:middle], model) +
               self._infer_or_split(tiles[middle:], model))
 
-  def _infer(self, tiles: list, model: LoadedHRNet) -> list:
+  def _infer(self, tiles: list, model: LoadedModel) -> list:
     """Model outputs for the tiles' owned boxes; tiles whose owned box is all nodata are
     answered without the model, and nodata pixels get NODATA_CLASS and no feature weight."""
     boxes = [own_box_in_tile(tile.spec) for tile in tiles]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import uuid
 from typing import Any, Optional
 
 import numpy as np
@@ -14,8 +13,9 @@ from transforms.inference.devices import prepare_devices
 from transforms.augmentation import Augmentation, scaled_side
 from transforms.inference.confidence import IGNORE_VALUE, LOGITS, scores_kind
 from transforms.inference.head import find_head, model_variables, probe_images
-from transforms.inference.openvino_engine import (ENGINE_OPENVINO, ENGINE_TENSORFLOW,
-                                                  OpenVinoModule, effective_precision,
+from transforms.inference.loaded import LoadedModel, TileOutputs
+from transforms.inference.openvino_engine import (ENGINE_TENSORFLOW,
+                                                  OpenVinoHRNet, effective_precision,
                                                   is_optimized_dir, read_manifest)
 from transforms.inference.precision import FLOAT32, PrecisionUnsupportedError, apply_precision
 from transforms.inference.sources import (DEFAULT_CACHE_DIR, STAGING_HELP, ModelLoadError,
@@ -27,25 +27,13 @@ FEATURE_STRIDE = 4   # HRNet features are at 1/4 of the input (checked by inspec
 FUSED_FUNCTION = "predict_with_features"  # the stand-ins' one-pass function; hub models lack it
 
 
-@dataclasses.dataclass(frozen=True)
-class TileOutputs:
-  """What one job model call returns for B tiles; None where not asked for."""
-  class_ids: Optional[np.ndarray] = None         # (B, H, W) uint8
-  confidence: Optional[np.ndarray] = None        # (B, H, W) uint8, max probability x 255
-  pseudo_labels: Optional[np.ndarray] = None     # (B, H, W) uint8, IGNORE_VALUE if unsure
-  qa_sums: Optional[np.ndarray] = None           # (B, 4) float64, confidence.QA_SUMS
-  class_confidence_sums: Optional[np.ndarray] = None   # (B, classes) float64
-  features: Optional[np.ndarray] = None          # (B, F) pooled sums
-  patch_features: Optional[np.ndarray] = None    # (B, slots, F) sums per patch weight map
-
-
 def pool_patches(features, patch_weights):
   """(B, slots, F) sums of the features under each patch's weight map (TensorFlow)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   return tf.einsum("bshw,bhwf->bsf", patch_weights, features)
 
 
-class LoadedHRNet:
+class LoadedHRNet(LoadedModel):
   """A loaded HRNet SavedModel with one call that returns what was asked for.
 
   Masks come back as uint8 class ids (argmax inside TensorFlow: 1 byte per pixel
@@ -57,12 +45,8 @@ class LoadedHRNet:
 
   def __init__(self, module: Any, handle: str, local_dir: str, precision: str = FLOAT32):
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    self.handle = handle
-    self.local_dir = local_dir
+    super().__init__(handle, local_dir, precision)
     self.engine = ENGINE_TENSORFLOW
-    self.manifest = None
-    self._precision = precision   # what really runs (after any fallback)
-    self._id = uuid.uuid4().hex[:12]
     missing = [n for n in ("predict", "get_features") if not hasattr(module, n)]
     if missing:
       raise ModelLoadError(f"{handle} has no {' or '.join(missing)} function: not an HRNet "
@@ -278,14 +262,6 @@ class LoadedHRNet:
     return tf.function(one_pass, input_signature=[
         tf.TensorSpec([None, None, None, 3], tf.float32)])
 
-  def precision(self) -> str:
-    """The precision that really runs (a method: shared models are proxies of methods)."""
-    return self._precision
-
-  def load_id(self) -> str:
-    """Unique per load: a metric of distinct ids counts the model copies that served."""
-    return self._id
-
   def infer(self, images: np.ndarray, want_masks: bool, want_features: bool,
             cell_weights: Optional[np.ndarray] = None
             ) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
@@ -332,23 +308,29 @@ def release_preloaded() -> None:
 
 def load_hrnet(handle: str, cache_dir: str = DEFAULT_CACHE_DIR, require_gpu: bool = False,
                precision: str = FLOAT32, precision_fallback: str = "float32",
-               threads: tuple = (0, 0)) -> LoadedHRNet:
-  """Loads the model or raises ModelLoadError naming it, the cause and how to stage it.
+               threads: tuple = (0, 0)) -> LoadedModel:
+  """Loads the model or raises ModelLoadError naming it, the cause and how to stage it:
+  a LoadedHRNet (TensorFlow) for a SavedModel, an OpenVinoHRNet for an optimized model.
 
   The precision is switched on before the model's functions are first traced; a
   precision the hardware lacks raises PrecisionUnsupportedError or falls back to float32.
   """
-  prepare_devices(require_gpu, *threads)
   preloaded = _PRELOADED.pop((handle, cache_dir, precision, precision_fallback), None)
   if preloaded is not None:
+    if preloaded.engine == ENGINE_TENSORFLOW:   # this worker's check, before any call
+      prepare_devices(require_gpu, *threads)
+    elif require_gpu:
+      raise ModelLoadError(_OPTIMIZED_ON_GPU.format(handle=handle))
     logger.info("Using the model %s loaded by the pre-launch check", handle)
     return preloaded
   try:
     local_dir = resolve_model_dir(handle, cache_dir)
     started = time.monotonic()
     if is_optimized_dir(local_dir):
-      model = _load_optimized(handle, local_dir, precision, precision_fallback, threads)
+      model = _load_optimized(handle, local_dir, precision, precision_fallback, threads,
+                              require_gpu)
     else:
+      prepare_devices(require_gpu, *threads)
       choice = apply_precision(precision, precision_fallback)
       import tensorflow as tf  # pylint: disable=import-outside-toplevel
       module = tf.saved_model.load(local_dir)
@@ -366,22 +348,22 @@ def load_hrnet(handle: str, cache_dir: str = DEFAULT_CACHE_DIR, require_gpu: boo
   return model
 
 
+_OPTIMIZED_ON_GPU = ("{handle} is an optimized model, which runs on the CPU (OpenVINO): drop "
+                     "--require_gpu and the worker accelerator, or run the SavedModel")
+
+
 def _load_optimized(handle: str, local_dir: str, precision: str, fallback: str,
-                    threads: tuple) -> LoadedHRNet:
-  """An optimized model (hrnet-beam optimize) on the OpenVINO engine: its precision is
-  its manifest's (bfloat16 may fall back to float32 as --precision does)."""
+                    threads: tuple, require_gpu: bool) -> OpenVinoHRNet:
+  """An optimized model (hrnet-beam optimize) on the OpenVINO engine, without TensorFlow:
+  its precision is its manifest's (bfloat16 may fall back to float32 as --precision does)."""
   if precision != FLOAT32:
     raise ModelLoadError(f"{handle} is an optimized model, whose precision was chosen when "
                          f"it was optimized: drop --precision {precision}")
-  apply_precision(FLOAT32, fallback)   # TensorFlow still runs the post-processing
+  if require_gpu:
+    raise ModelLoadError(_OPTIMIZED_ON_GPU.format(handle=handle))
   manifest = read_manifest(local_dir)
   effective = effective_precision(manifest["precision"], fallback)
-  model = LoadedHRNet(OpenVinoModule(local_dir, effective, threads[0]), handle, local_dir,
-                      effective)
-  model.engine = ENGINE_OPENVINO
-  model.manifest = manifest
-  model.single_pass = f"OpenVINO IR ({manifest.get('one_pass', 'one pass')})"
-  return model
+  return OpenVinoHRNet(handle, local_dir, effective, threads[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,9 +395,5 @@ def inspect_model(handle: str, cache_dir: str = DEFAULT_CACHE_DIR,
                          "HRNet features are at 1/4 resolution")
   if keep_for_local_worker:
     _PRELOADED[(handle, cache_dir, precision, precision_fallback)] = model
-  shape = None
-  if model.engine == ENGINE_OPENVINO:
-    shape = tuple(-1 if d.is_dynamic else d.get_length()
-                  for d in model._module.input_shape)  # pylint: disable=protected-access
   return ModelInfo(num_classes, feature_dim, model.has_fused_function, model.local_dir,
-                   model.scores_kind, model.engine, model.manifest, shape)
+                   model.scores_kind, model.engine, model.manifest, model.input_shape())

@@ -1,5 +1,6 @@
-"""The OpenVINO engine: an optimized model (`hrnet-beam optimize`) served behind the
-same calls as a SavedModel, so the job's handler, TTA, QA and pooling run unchanged.
+"""The OpenVINO engine: an optimized model (`hrnet-beam optimize`) behind the same calls as
+a SavedModel's (LoadedModel), run by OpenVINO without TensorFlow: the backbone, then the
+post-processing (probabilities, class ids, QA values, pooling) as a float32 OpenVINO graph.
 
 An optimized model directory holds the IR (model.xml, model.bin), the labels file and
 a manifest (hrnet_beam_openvino.json) saying where it came from and at what precision
@@ -17,6 +18,9 @@ from typing import Optional
 
 import numpy as np
 
+from transforms.augmentation import Augmentation
+from transforms.inference.confidence import LOGITS, tile_summaries
+from transforms.inference.loaded import LoadedModel, TileOutputs
 from transforms.inference.precision import (BF16_CPU_FLAGS, FALLBACK_FAIL, FLOAT32,
                                             PrecisionUnsupportedError, read_cpu_flags)
 from transforms.inference.sources import OPTIMIZED_MANIFEST
@@ -78,54 +82,265 @@ def compile_config(precision: str, threads: int = 0) -> dict:
   return config
 
 
-class OpenVinoModule:
-  """A SavedModel-like object over a compiled IR: predict, get_features and the fused
-  predict_with_features, as TensorFlow ops (tf.numpy_function), so everything around
-  the backbone (softmax, TTA, QA sums, pooling) is the TensorFlow engine's own code."""
+def _producer(model, name: str):
+  """The value feeding the IR's output `name` (its Result node's input)."""
+  return next(o for o in model.outputs if name in o.get_names()).get_node().input_value(0)
 
-  def __init__(self, local_dir: str, precision: str, threads: int = 0):
+
+def backbone_model(ir_model, want_scores: bool):
+  """The IR with the outputs a call needs: scores and features, or features alone (the
+  head is then pruned, as get_features skips it in TensorFlow)."""
+  import openvino as ov  # pylint: disable=import-outside-toplevel
+  import openvino.opset13 as ops  # pylint: disable=import-outside-toplevel
+  names = (SCORES, FEATURES) if want_scores else (FEATURES,)
+  values = [_producer(ir_model, name) for name in names]
+  for result in list(ir_model.get_results()):
+    ir_model.remove_result(result)
+  results = []
+  for name, value in zip(names, values):
+    result = ops.result(value)
+    result.output(0).get_tensor().set_names({name})
+    results.append(result)
+  return ov.Model(results, ir_model.get_parameters(), f"hrnet_{'_'.join(names)}")
+
+
+def post_processing_model(num_classes: int, feature_dim: int, scores_kind: str,
+                          want_masks: bool):
+  """The work after the backbone, as an OpenVINO graph run in float32 whatever the
+  backbone's precision: probabilities (softmax where the model gives logits), per pixel
+  the class id, confidence, margin and normalised entropy, and the features pooled under
+  the cell weights and under each patch's weights. Only these leave OpenVINO.
+
+  Inputs: features (B, h, w, F), cell_weights (B, h, w), patch_weights (B, S, h, w) and,
+  with masks, scores (B, H, W, classes). Outputs: pooled (B, F), patches (B, S, F) and,
+  with masks, class_ids (B, H, W) uint8 and stats (B, 3, H, W) float32."""
+  import openvino as ov  # pylint: disable=import-outside-toplevel
+  import openvino.opset13 as ops  # pylint: disable=import-outside-toplevel
+  f32 = ov.Type.f32
+
+  def constant(values, dtype=np.int64):
+    return ops.constant(np.asarray(values, dtype))
+
+  def parameter(name, shape):
+    node = ops.parameter(ov.PartialShape(shape), f32, name=name)
+    node.output(0).get_tensor().set_names({name})
+    return node
+
+  features = parameter(FEATURES, [-1, -1, -1, feature_dim])
+  cell_weights = parameter("cell_weights", [-1, -1, -1])
+  patch_weights = parameter("patch_weights", [-1, -1, -1, -1])
+  cells = ops.reshape(features, constant([0, -1, feature_dim]), special_zero=True)
+  pooled = ops.squeeze(ops.matmul(ops.reshape(cell_weights, constant([0, 1, -1]),
+                                              special_zero=True), cells, False, False),
+                       constant([1]))
+  patches = ops.matmul(ops.reshape(patch_weights, constant([0, 0, -1]), special_zero=True),
+                       cells, False, False)
+  outputs = {"pooled": pooled, "patches": patches}
+  parameters = [features, cell_weights, patch_weights]
+  if want_masks:
+    scores = parameter(SCORES, [-1, -1, -1, num_classes])
+    parameters.append(scores)
+    # Classes first: reductions over a plane per class vectorize; over the innermost
+    # axis of 7 they ran 2-3x slower (PERFORMANCE.md).
+    planes = ops.transpose(scores, constant([0, 3, 1, 2]))
+    probabilities = ops.softmax(planes, 1) if scores_kind == LOGITS else planes
+    zero = ops.constant(np.float32(0))
+    top = ops.reduce_max(probabilities, constant([1]), keep_dims=True)
+    is_top = ops.greater_equal(probabilities, top)
+    tops = ops.reduce_sum(ops.convert(is_top, "i32"), constant([1]), keep_dims=True)
+    # Top-1 and top-2 as the TensorFlow engine takes them: a tie for the top makes the
+    # second best equal to the best.
+    second = ops.select(ops.greater_equal(tops, ops.constant(np.int32(2))), top,
+                        ops.reduce_max(ops.select(is_top, zero, probabilities),
+                                       constant([1]), keep_dims=True))
+    xlogx = ops.select(ops.greater(probabilities, zero),
+                       ops.multiply(probabilities, ops.log(probabilities)), zero)
+    entropy = ops.multiply(ops.reduce_sum(xlogx, constant([1]), keep_dims=True),
+                           ops.constant(np.float32(-1.0 / np.log(num_classes))))
+    outputs["stats"] = ops.concat([top, ops.subtract(top, second), entropy], 1)
+    # The first class with the top probability, as argmax takes it.
+    class_index = ops.constant(np.arange(num_classes, dtype=np.int32).reshape(-1, 1, 1))
+    first_top = ops.reduce_min(ops.select(is_top, class_index,
+                                          ops.constant(np.int32(num_classes))),
+                               constant([1]), keep_dims=False)
+    outputs["class_ids"] = ops.convert(first_top, "u8")
+  results = []
+  for name, node in outputs.items():
+    result = ops.result(node)
+    result.output(0).get_tensor().set_names({name})
+    results.append(result)
+  return ov.Model(results, parameters, "hrnet_beam_post_processing")
+
+
+class OpenVinoHRNet(LoadedModel):
+  """An optimized model (hrnet-beam optimize) run by OpenVINO alone: the backbone at the
+  model's precision, then post_processing_model in float32, the backbone's outputs handed
+  over in place. No TensorFlow is imported, except for test-time augmentation, whose
+  passes are averaged by the TensorFlow engine's own code (OpenVinoModule).
+
+  Compiled models are made on first use and kept: the backbone with or without the head,
+  and the post-processing with or without masks."""
+
+  engine = ENGINE_OPENVINO
+
+  def __init__(self, handle: str, local_dir: str, precision: str, threads: int = 0):
+    super().__init__(handle, local_dir, precision)
     import openvino as ov  # pylint: disable=import-outside-toplevel
     self.manifest = read_manifest(local_dir)
-    core = ov.Core()
-    model = core.read_model(os.path.join(local_dir, IR_FILE))
-    self._compiled = core.compile_model(model, "CPU", compile_config(precision, threads))
-    self._scores = self._compiled.output(SCORES)
-    self._features = self._compiled.output(FEATURES)
-    self._request = self._compiled.create_infer_request()
-    self._lock = threading.Lock()   # one request: calls from several threads take turns
-    self.input_shape = model.input(0).get_partial_shape()
+    self.scores_kind = self.manifest.get("scores_kind", LOGITS)
+    self.single_pass = f"OpenVINO IR ({self.manifest.get('one_pass', 'one pass')})"
+    self.has_fused_function = True
+    self.num_classes = int(self.manifest["num_classes"])
+    self.feature_dim = int(self.manifest["feature_dim"])
+    self._core = ov.Core()
+    self._ir_path = os.path.join(local_dir, IR_FILE)
+    self._backbone_config = compile_config(precision, threads)
+    self._post_config = compile_config(FLOAT32, threads)
+    self._shape = tuple(None if d.is_dynamic else d.get_length() for d in list(
+        self._core.read_model(self._ir_path).input(0).get_partial_shape()))
+    self._requests = {}
+    self._lock = threading.Lock()   # one request per kind: calls from threads take turns
+    self._tensorflow = None
+
+  def input_shape(self) -> tuple:
+    return tuple(-1 if d is None else d for d in self._shape)
+
+  def _request(self, key: tuple):
+    if key not in self._requests:
+      kind, flag = key
+      if kind == "backbone":
+        model, config = backbone_model(self._core.read_model(self._ir_path), flag), \
+            self._backbone_config
+      else:
+        model, config = post_processing_model(self.num_classes, self.feature_dim,
+                                              self.scores_kind, flag), self._post_config
+      self._requests[key] = self._core.compile_model(model, "CPU",
+                                                     config).create_infer_request()
+    return self._requests[key]
+
+  def _backbone(self, images: np.ndarray, want_scores: bool) -> dict:
+    """Scores and features of (B, H, W, 3) float32 images, as arrays that stay valid until
+    the next backbone call. An IR with a fixed batch is called one image at a time."""
+    if images.dtype != np.float32:
+      # A float32 input would take uint8 without scaling: never let that happen silently.
+      raise TypeError(f"images must be float32 in [0, 1], got {images.dtype}")
+    height, width = self._shape[1:3]
+    if (height is not None and images.shape[1] != height) or (
+        width is not None and images.shape[2] != width):
+      raise ValueError(f"the optimized model takes only {height}x{width} inputs; got "
+                       f"{images.shape[1]}x{images.shape[2]}")
+    request = self._request(("backbone", want_scores))
+    names = (SCORES, FEATURES) if want_scores else (FEATURES,)
+    batch = self._shape[0]
+    if batch is not None and images.shape[0] != batch:
+      parts = [{n: np.array(v) for n, v in self._backbone(images[i:i + 1], want_scores)
+                .items()} for i in range(images.shape[0])]
+      return {n: np.concatenate([p[n] for p in parts]) for n in names}
+    request.infer({0: np.ascontiguousarray(images)}, share_inputs=True, share_outputs=True)
+    return {n: request.get_tensor(n).data for n in names}
+
+  def _post(self, backbone: dict, want_masks: bool, cell_weights, patch_weights) -> dict:
+    features = backbone[FEATURES]
+    batch, cells = features.shape[0], features.shape[1:3]
+    if patch_weights is None:   # one empty slot: cheaper than a second compiled model
+      patch_weights = np.zeros((batch, 1, *cells), np.float32)
+    inputs = {FEATURES: features, "cell_weights": np.asarray(cell_weights, np.float32),
+              "patch_weights": np.asarray(patch_weights, np.float32)}
+    if want_masks:
+      inputs[SCORES] = backbone[SCORES]
+    request = self._request(("post", want_masks))
+    request.infer({k: np.ascontiguousarray(v) for k, v in inputs.items()}, share_inputs=True)
+    names = ("pooled", "patches") + (("class_ids", "stats") if want_masks else ())
+    return {n: np.array(request.get_tensor(n).data) for n in names}
+
+  def infer_tiles(self, images: np.ndarray, want_masks: bool, want_features: bool,
+                  cell_weights: np.ndarray, pixel_weights: np.ndarray,
+                  threshold: float = 0.5, ignore_below: float | None = None,
+                  augmentation: Augmentation = Augmentation(),
+                  want_confidence: bool = True,
+                  patch_weights: Optional[np.ndarray] = None) -> TileOutputs:
+    """The job's call, as LoadedHRNet.infer_tiles: (B, H, W, 3) float32 -> TileOutputs."""
+    if augmentation.passes > 1:
+      return self._tensorflow_engine().infer_tiles(
+          images, want_masks, want_features, cell_weights, pixel_weights, threshold,
+          ignore_below, augmentation, want_confidence, patch_weights)
+    with self._lock:
+      out = self._post(self._backbone(images, want_masks), want_masks, cell_weights,
+                       patch_weights)
+    want_patches = want_features and patch_weights is not None
+    features = out["pooled"] if want_features else None
+    patches = out["patches"] if want_patches else None
+    if not want_masks:
+      return TileOutputs(features=features, patch_features=patches)
+    confidence, pseudo, qa, class_confidence = tile_summaries(
+        out["class_ids"], out["stats"], pixel_weights, self.num_classes, threshold,
+        ignore_below, want_confidence)
+    return TileOutputs(out["class_ids"], confidence, pseudo, qa, class_confidence, features,
+                       patches)
+
+  def infer(self, images: np.ndarray, want_masks: bool, want_features: bool,
+            cell_weights: Optional[np.ndarray] = None
+            ) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """As LoadedHRNet.infer: (class ids (B, H, W) uint8, feature maps or pooled sums)."""
+    with self._lock:
+      backbone = self._backbone(images, want_masks)
+      ids = None
+      if want_masks:
+        ids = np.argmax(backbone[SCORES], axis=-1).astype(np.uint8)
+      if not want_features:
+        return ids, None
+      if cell_weights is not None:
+        return ids, self._post(backbone, False, cell_weights, None)["pooled"]
+      return ids, np.array(backbone[FEATURES])
 
   def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(B, H, W, 3) float32 -> (scores, features) as numpy arrays.
-
-    An IR with a fixed size (the job refuses it unless the tiles have that size) still
-    answers the load-time probes: smaller inputs are padded and the outputs cropped,
-    one image at a time where its batch is fixed too."""
-    batch, height, width = (None if d.is_dynamic else d.get_length()
-                            for d in list(self.input_shape)[:3])
-    if batch is not None and images.shape[0] != batch:
-      parts = [self.run(images[i:i + 1]) for i in range(images.shape[0])]
-      return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    pad_y = 0 if height is None else height - images.shape[1]
-    pad_x = 0 if width is None else width - images.shape[2]
-    if pad_y < 0 or pad_x < 0:
-      raise ValueError(f"the optimized model takes {height}x{width} inputs at most; got "
-                       f"{images.shape[1]}x{images.shape[2]}")
-    if pad_y or pad_x:
-      images = np.pad(images, ((0, 0), (0, pad_y), (0, pad_x), (0, 0)))
+    """(B, H, W, 3) float32 -> (scores, features) as numpy arrays of their own."""
     with self._lock:
-      results = self._request.infer({0: np.ascontiguousarray(images, np.float32)})
-      scores = np.array(results[self._scores], np.float32)
-      features = np.array(results[self._features], np.float32)
-    if pad_y or pad_x:
-      scores = scores[:, :scores.shape[1] - pad_y, :scores.shape[2] - pad_x]
-      features = features[:, :features.shape[1] - pad_y // 4, :features.shape[2] - pad_x // 4]
-    return scores, features
+      out = self._backbone(images, True)
+      return np.array(out[SCORES]), np.array(out[FEATURES])
+
+  def probe(self, size: int = 64) -> tuple[int, int, int]:
+    """(num_classes, feature_dim, feature cells per `size` pixels) from one all-zero
+    image: the IR's own outputs, checked against its manifest. An IR of fixed size is
+    probed at that size, and the cells scaled to `size`."""
+    height, width = (d or size for d in self._shape[1:3])
+    images = np.zeros((self._shape[0] or 1, height, width, 3), np.float32)
+    scores, features = self.run(images)
+    if scores.shape[1:3] != (height, width):
+      raise ValueError(f"{self.handle}: the IR returned scores {tuple(scores.shape)} for a "
+                       f"{height}x{width} image")
+    if (scores.shape[-1], features.shape[-1]) != (self.num_classes, self.feature_dim):
+      raise ValueError(f"{self.handle}: the IR outputs {scores.shape[-1]} classes and "
+                       f"{features.shape[-1]} features, its manifest says {self.num_classes}"
+                       f" and {self.feature_dim}: optimize the model again")
+    return (int(scores.shape[-1]), int(features.shape[-1]),
+            int(features.shape[1]) * size // height)
+
+  def _tensorflow_engine(self):
+    """The TensorFlow engine's post-processing over this IR (test-time augmentation)."""
+    if self._tensorflow is None:
+      # pylint: disable=import-outside-toplevel
+      from transforms.inference.model import LoadedHRNet
+      from transforms.inference.precision import apply_precision
+      apply_precision(FLOAT32, "float32")
+      self._tensorflow = LoadedHRNet(OpenVinoModule(self), self.handle, self.local_dir,
+                                     self._precision)
+    return self._tensorflow
+
+
+class OpenVinoModule:
+  """A SavedModel-like object over an OpenVinoHRNet: predict, get_features and the fused
+  predict_with_features as TensorFlow ops (tf.numpy_function), so that test-time
+  augmentation runs the TensorFlow engine's own averaging around the IR."""
+
+  def __init__(self, model: OpenVinoHRNet):
+    self._model = model
+    self.manifest = model.manifest
 
   def predict_with_features(self, images):
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    scores, features = tf.numpy_function(self.run, [images], [tf.float32, tf.float32],
-                                         stateful=False)
+    scores, features = tf.numpy_function(self._model.run, [images],
+                                         [tf.float32, tf.float32], stateful=False)
     scores.set_shape([None, None, None, self.manifest["num_classes"]])
     features.set_shape([None, None, None, self.manifest["feature_dim"]])
     return {"predictions": scores, "features": features}

@@ -1,0 +1,51 @@
+"""What every loaded model gives the handler, whatever engine runs it: the outputs of one
+model call and the base both engines (model.py's TensorFlow, openvino_engine.py's
+OpenVINO) share. Neither TensorFlow nor OpenVINO is imported here."""
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from typing import Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class TileOutputs:
+  """What one job model call returns for B tiles; None where not asked for."""
+  class_ids: Optional[np.ndarray] = None         # (B, H, W) uint8
+  confidence: Optional[np.ndarray] = None        # (B, H, W) uint8, max probability x 255
+  pseudo_labels: Optional[np.ndarray] = None     # (B, H, W) uint8, IGNORE_VALUE if unsure
+  qa_sums: Optional[np.ndarray] = None           # (B, 4) float64, confidence.QA_SUMS
+  class_confidence_sums: Optional[np.ndarray] = None   # (B, classes) float64
+  features: Optional[np.ndarray] = None          # (B, F) pooled sums
+  patch_features: Optional[np.ndarray] = None    # (B, slots, F) sums per patch weight map
+
+
+class LoadedModel:
+  """The handler's view of a loaded model. Subclasses define infer_tiles (the job's call),
+  infer (class ids and feature maps, for the benchmark and compare-precision) and probe."""
+
+  engine = "tensorflow"
+
+  def __init__(self, handle: str, local_dir: str, precision: str):
+    self.handle = handle
+    self.local_dir = local_dir
+    self.manifest: Optional[dict] = None
+    self.single_pass: Optional[str] = None   # the one-pass path used; None: two passes
+    self.has_fused_function = False
+    self.scores_kind = "logits"
+    self._precision = precision   # what really runs (after any fallback)
+    self._id = uuid.uuid4().hex[:12]
+
+  def precision(self) -> str:
+    """The precision that really runs (a method: shared models are proxies of methods)."""
+    return self._precision
+
+  def load_id(self) -> str:
+    """Unique per load: a metric of distinct ids counts the model copies that served."""
+    return self._id
+
+  def input_shape(self) -> Optional[tuple]:
+    """An optimized model's (B, H, W, C), -1 where any size goes; None for SavedModels."""
+    return None
