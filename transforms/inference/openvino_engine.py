@@ -193,11 +193,12 @@ class OpenVinoHRNet(LoadedModel):
     self.num_classes = int(self.manifest["num_classes"])
     self.feature_dim = int(self.manifest["feature_dim"])
     self._core = ov.Core()
-    self._ir_path = os.path.join(local_dir, IR_FILE)
+    # Read once: each compiled variant edits a clone of it (backbone_model).
+    self._ir = self._core.read_model(os.path.join(local_dir, IR_FILE))
     self._backbone_config = compile_config(precision, threads)
     self._post_config = compile_config(FLOAT32, threads)
     self._shape = tuple(None if d.is_dynamic else d.get_length() for d in list(
-        self._core.read_model(self._ir_path).input(0).get_partial_shape()))
+        self._ir.input(0).get_partial_shape()))
     self._requests = {}
     self._lock = threading.Lock()   # one request per kind: calls from threads take turns
     self._tensorflow = None
@@ -209,7 +210,7 @@ class OpenVinoHRNet(LoadedModel):
     if key not in self._requests:
       kind, flag = key
       if kind == "backbone":
-        model, config = backbone_model(self._core.read_model(self._ir_path), flag), \
+        model, config = backbone_model(self._ir.clone(), flag), \
             self._backbone_config
       else:
         model, config = post_processing_model(self.num_classes, self.feature_dim,
