@@ -196,6 +196,7 @@ def test_post_processing_graph_reproduces_the_qa_definition(kind):
   classes, features_dim, batch, height, width = 5, 12, 2, 32, 48
   logits = rng.normal(0, 2, (batch, height, width, classes)).astype(np.float32)
   logits[0, :4, :4, 1:3] = 9.0   # exact ties for the top: argmax takes the first
+  logits[1, :3, :3] = [150.0, 0, -50.0, 0, 0][:classes]   # the others' exp underflows to 0
   probabilities = np.exp(logits - logits.max(-1, keepdims=True))
   probabilities = (probabilities / probabilities.sum(-1, keepdims=True)).astype(np.float32)
   scores = probabilities if kind == "probabilities" else logits

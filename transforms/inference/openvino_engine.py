@@ -130,12 +130,19 @@ def post_processing_model(num_classes: int, feature_dim: int, scores_kind: str,
   cell_weights = parameter("cell_weights", [-1, -1, -1])
   patch_weights = parameter("patch_weights", [-1, -1, -1, -1])
   cells = ops.reshape(features, constant([0, -1, feature_dim]), special_zero=True)
-  pooled = ops.squeeze(ops.matmul(ops.reshape(cell_weights, constant([0, 1, -1]),
-                                              special_zero=True), cells, False, False),
-                       constant([1]))
-  patches = ops.matmul(ops.reshape(patch_weights, constant([0, 0, -1]), special_zero=True),
-                       cells, False, False)
-  outputs = {"pooled": pooled, "patches": patches}
+  # One MatMul for the tile's weights and its patches' (row 0, then one row per patch):
+  # the feature map is read once, not twice (PERFORMANCE.md).
+  weights = ops.concat([ops.reshape(cell_weights, constant([0, 1, -1]), special_zero=True),
+                        ops.reshape(patch_weights, constant([0, 0, -1]), special_zero=True)],
+                       1)
+  pooled_rows = ops.matmul(weights, cells, False, False)
+
+  def rows(values, start, stop):
+    return ops.slice(values, constant([start]), constant([stop]), constant([1]),
+                     constant([1]))
+
+  outputs = {"pooled": ops.squeeze(rows(pooled_rows, 0, 1), constant([1])),
+             "patches": rows(pooled_rows, 1, np.iinfo(np.int64).max)}
   parameters = [features, cell_weights, patch_weights]
   if want_masks:
     scores = parameter(SCORES, [-1, -1, -1, num_classes])
@@ -144,26 +151,29 @@ def post_processing_model(num_classes: int, feature_dim: int, scores_kind: str,
     # axis of 7 they ran 2-3x slower (PERFORMANCE.md).
     planes = ops.transpose(scores, constant([0, 3, 1, 2]))
     probabilities = ops.softmax(planes, 1) if scores_kind == LOGITS else planes
-    zero = ops.constant(np.float32(0))
-    top = ops.reduce_max(probabilities, constant([1]), keep_dims=True)
-    is_top = ops.greater_equal(probabilities, top)
-    tops = ops.reduce_sum(ops.convert(is_top, "i32"), constant([1]), keep_dims=True)
-    # Top-1 and top-2 as the TensorFlow engine takes them: a tie for the top makes the
-    # second best equal to the best.
-    second = ops.select(ops.greater_equal(tops, ops.constant(np.int32(2))), top,
-                        ops.reduce_max(ops.select(is_top, zero, probabilities),
-                                       constant([1]), keep_dims=True))
-    xlogx = ops.select(ops.greater(probabilities, zero),
-                       ops.multiply(probabilities, ops.log(probabilities)), zero)
-    entropy = ops.multiply(ops.reduce_sum(xlogx, constant([1]), keep_dims=True),
-                           ops.constant(np.float32(-1.0 / np.log(num_classes))))
+    # Top-1 and top-2 as the TensorFlow engine takes them: the first class of a tie for
+    # the top is the class id (a stable TopK), and the tie makes the second equal the top.
+    top_two = ops.topk(probabilities, ops.constant(np.int64(2)), 1, "max", "value", "i32",
+                       stable=True)
+    top, second = rows(top_two.output(0), 0, 1), rows(top_two.output(0), 1, 2)
+    if scores_kind == LOGITS:
+      # sum p log p without a logarithm per class (OpenVINO's CPU Log is not vectorized):
+      # log p_i = z_i - max z - log s, and p_top = 1 / s, so
+      # sum p log p = sum p_i (z_i - max z) + log p_top.
+      centred = ops.subtract(planes, ops.reduce_max(planes, constant([1]), keep_dims=True))
+      plogp = ops.add(ops.reduce_sum(ops.multiply(probabilities, centred), constant([1]),
+                                     keep_dims=True), ops.log(top))
+    else:
+      zero = ops.constant(np.float32(0))
+      plogp = ops.reduce_sum(ops.select(
+          ops.greater(probabilities, zero),
+          ops.multiply(probabilities, ops.log(probabilities)), zero),
+          constant([1]), keep_dims=True)
+    entropy = ops.maximum(ops.multiply(plogp, ops.constant(np.float32(-1 / np.log(
+        num_classes)))), ops.constant(np.float32(0)))
     outputs["stats"] = ops.concat([top, ops.subtract(top, second), entropy], 1)
-    # The first class with the top probability, as argmax takes it.
-    class_index = ops.constant(np.arange(num_classes, dtype=np.int32).reshape(-1, 1, 1))
-    first_top = ops.reduce_min(ops.select(is_top, class_index,
-                                          ops.constant(np.int32(num_classes))),
-                               constant([1]), keep_dims=False)
-    outputs["class_ids"] = ops.convert(first_top, "u8")
+    outputs["class_ids"] = ops.convert(ops.squeeze(rows(top_two.output(1), 0, 1),
+                                                   constant([1])), "u8")
   results = []
   for name, node in outputs.items():
     result = ops.result(node)
