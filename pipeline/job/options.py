@@ -172,9 +172,12 @@ class HRNetOptions(PipelineOptions):
         "--model_batch_size", type=int, default=None,
         help="Tiles per model call: a fixed shape, partial groups are padded. Default: 1 "
              "for TensorFlow (fastest on CPUs; raise it on GPUs), 2 for an optimized "
-             "(OpenVINO) model (measured 9%% faster at int8 than 1). Features differ in "
-             "their last bits between different values (kernels are chosen by batch "
-             "size); each file's metadata records it.")
+             "(OpenVINO) model: each tile of a call runs on its own OpenVINO stream, so "
+             "a call keeps at most this many streams busy (OpenVINO makes one per core "
+             "here; measured 3.5%% faster at int8 than 1). Features differ in their last "
+             "bits between 1 and more for OpenVINO, between any two values for "
+             "TensorFlow (kernels are chosen by batch size); each file's metadata "
+             "records it.")
 
     groups["outputs"].add_argument(
         "--output", default=None,
@@ -529,7 +532,8 @@ def _extra_output(flag: str, prefix: str, name: str, needs: str, outputs: tuple,
   return prefix
 
 
-OPENVINO_MODEL_BATCH = 2   # W48 int8, 1024 px images: 9% more tiles/s than 1 (PERFORMANCE.md)
+OPENVINO_MODEL_BATCH = 2   # one tile per stream of a 2-vCPU worker: W48 int8, 3.5% more
+                           # tiles/s than 1 (PERFORMANCE.md)
 
 
 def _patches(options, outputs: tuple, run_id: str) -> tuple:

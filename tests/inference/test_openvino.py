@@ -265,6 +265,56 @@ def test_openvino_engine_matches_tensorflow_post_processing_on_the_same_ir(optim
   np.testing.assert_allclose(only_features.features, ours.features, rtol=1e-5, atol=1e-4)
 
 
+class _CountingRequest:
+  """An OpenVINO infer request that counts the inferences it starts."""
+
+  def __init__(self, request):
+    self._request, self.started = request, 0
+
+  def start_async(self, *args, **kwargs):
+    self.started += 1
+    return self._request.start_async(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._request, name)
+
+
+def test_a_tile_on_the_streams_does_not_depend_on_its_call(optimized):
+  """Each tile of a call runs on its own OpenVINO stream: its outputs are the same bytes
+  whatever else is in the call, in what order, in calls of 2 or 4 (more than the
+  streams); a padded slot (all its weights zero) is not run."""
+  from transforms.inference.model import load_hrnet  # pylint: disable=import-outside-toplevel
+  model = load_hrnet(str(optimized[0] / "int8"))
+  rng = np.random.default_rng(8)
+  tiles = rng.random((3, TILE, TILE, 3)).astype(np.float32)
+  cells = (TILE // 4, TILE // 4)
+
+  def call(order):
+    images = np.zeros((len(order), TILE, TILE, 3), np.float32)
+    cell_weights = np.zeros((len(order), *cells), np.float32)
+    pixel_weights = np.zeros((len(order), TILE, TILE), np.float32)
+    for slot, i in enumerate(order):
+      if i is not None:
+        images[slot], cell_weights[slot], pixel_weights[slot] = tiles[i], 1, 1
+    out = model.infer_tiles(images, True, True, cell_weights, pixel_weights, 0.5, 0.3)
+    return {i: (out.class_ids[slot], out.features[slot], out.qa_sums[slot],
+                out.class_confidence_sums[slot], out.pseudo_labels[slot])
+            for slot, i in enumerate(order) if i is not None}
+
+  first = call([0, 1])
+  requests = model._compiled[("backbone", True, True)]  # pylint: disable=protected-access
+  counting = [_CountingRequest(r) for r in requests]
+  requests[:] = counting
+  padded = call([0, None])
+  assert sum(r.started for r in counting) == 1
+  for other in (call([1, 0]), padded, call([2, 0, 1, 0])):
+    for i, values in other.items():
+      if i in first:
+        for ours, theirs in zip(values, first[i]):
+          np.testing.assert_array_equal(ours, theirs)
+  assert not np.array_equal(first[0][1], first[1][1])   # the tiles themselves differ
+
+
 def test_a_job_on_an_optimized_model_never_imports_tensorflow(optimized, images, tmp_path):
   """Start-up on the OpenVINO engine: the launcher's check and the worker load no
   TensorFlow (seconds of import per worker process); --tta still works, through it."""

@@ -68,14 +68,16 @@ def effective_precision(precision: str, fallback: str, flags: frozenset | None =
   return FLOAT32
 
 
-def compile_config(precision: str, threads: int = 0) -> dict:
-  """OpenVINO's CPU settings: latency hint (one stream using the process's threads, as
-  each worker process runs one call at a time), and the inference precision said out
-  loud: CPUs with bfloat16 default to it, which float32 and int8 models must not get."""
+def compile_config(precision: str, threads: int = 0, streams: bool = False) -> dict:
+  """OpenVINO's CPU settings: the latency hint (one stream using the process's threads)
+  or, with `streams`, the throughput hint (as many streams as OpenVINO finds fit for
+  those threads, each running one request); and the inference precision said out loud:
+  CPUs with bfloat16 default to it, which float32 and int8 models must not get."""
   import openvino as ov  # pylint: disable=import-outside-toplevel
   import openvino.properties as props  # pylint: disable=import-outside-toplevel
   import openvino.properties.hint as hints  # pylint: disable=import-outside-toplevel
-  config = {hints.performance_mode: hints.PerformanceMode.LATENCY,
+  mode = hints.PerformanceMode.THROUGHPUT if streams else hints.PerformanceMode.LATENCY
+  config = {hints.performance_mode: mode,
             hints.inference_precision: ov.Type.bf16 if precision == BFLOAT16 else ov.Type.f32}
   if threads:
     config[props.inference_num_threads] = int(threads)
@@ -188,8 +190,15 @@ class OpenVinoHRNet(LoadedModel):
   over in place. No TensorFlow is imported, except for test-time augmentation, whose
   passes are averaged by the TensorFlow engine's own code (OpenVinoModule).
 
+  A call of several images runs them on OpenVINO's throughput streams, one image per
+  request, each writing into its slot of one batch of outputs; a call of one image runs
+  on one latency stream using all the threads. So an image's backbone outputs depend on
+  the image and on the call size being 1 or more, never on the call's other images: an
+  empty slot (a padded one, all of its weights zero) is not run at all. The
+  post-processing then runs once over the batch.
+
   Compiled models are made on first use and kept: the backbone with or without the head,
-  and the post-processing with or without masks."""
+  with streams or not, and the post-processing with or without masks."""
 
   engine = ENGINE_OPENVINO
 
@@ -205,33 +214,48 @@ class OpenVinoHRNet(LoadedModel):
     self._core = ov.Core()
     # Read once: each compiled variant edits a clone of it (backbone_model).
     self._ir = self._core.read_model(os.path.join(local_dir, IR_FILE))
-    self._backbone_config = compile_config(precision, threads)
-    self._post_config = compile_config(FLOAT32, threads)
+    self._precision_name, self._threads = precision, threads
     self._shape = tuple(None if d.is_dynamic else d.get_length() for d in list(
         self._ir.input(0).get_partial_shape()))
-    self._requests = {}
-    self._lock = threading.Lock()   # one request per kind: calls from threads take turns
+    self._compiled = {}
+    self._buffers = {}   # name -> flat float32 array, grown to the largest call so far
+    self._lock = threading.Lock()   # one call at a time: calls from threads take turns
     self._tensorflow = None
 
   def input_shape(self) -> tuple:
     return tuple(-1 if d is None else d for d in self._shape)
 
-  def _request(self, key: tuple):
-    if key not in self._requests:
-      kind, flag = key
+  def _requests(self, key: tuple) -> list:
+    """The infer requests of one compiled variant: one for the latency hint, as many as
+    OpenVINO says keep its streams busy for the throughput hint."""
+    if key not in self._compiled:
+      kind, flag, streams = key
       if kind == "backbone":
-        model, config = backbone_model(self._ir.clone(), flag), \
-            self._backbone_config
+        model = backbone_model(self._ir.clone(), flag)
+        config = compile_config(self._precision_name, self._threads, streams)
       else:
-        model, config = post_processing_model(self.num_classes, self.feature_dim,
-                                              self.scores_kind, flag), self._post_config
-      self._requests[key] = self._core.compile_model(model, "CPU",
-                                                     config).create_infer_request()
-    return self._requests[key]
+        model = post_processing_model(self.num_classes, self.feature_dim,
+                                      self.scores_kind, flag)
+        config = compile_config(FLOAT32, self._threads)
+      compiled = self._core.compile_model(model, "CPU", config)
+      count = 1
+      if streams:
+        import openvino.properties as props  # pylint: disable=import-outside-toplevel
+        count = max(1, int(compiled.get_property(props.optimal_number_of_infer_requests)))
+      self._compiled[key] = [compiled.create_infer_request() for _ in range(count)]
+    return self._compiled[key]
 
-  def _backbone(self, images: np.ndarray, want_scores: bool) -> dict:
+  def _buffer(self, name: str, shape: tuple) -> np.ndarray:
+    size = int(np.prod(shape))
+    if self._buffers.get(name) is None or self._buffers[name].size < size:
+      self._buffers[name] = np.zeros(size, np.float32)
+    return self._buffers[name][:size].reshape(shape)
+
+  def _backbone(self, images: np.ndarray, want_scores: bool,
+                run: Optional[np.ndarray] = None) -> dict:
     """Scores and features of (B, H, W, 3) float32 images, as arrays that stay valid until
-    the next backbone call. An IR with a fixed batch is called one image at a time."""
+    the next backbone call. `run` (B booleans) leaves images out: their slots hold stale
+    values. An IR with a fixed batch is called one batch at a time on one stream."""
     if images.dtype != np.float32:
       # A float32 input would take uint8 without scaling: never let that happen silently.
       raise TypeError(f"images must be float32 in [0, 1], got {images.dtype}")
@@ -240,15 +264,51 @@ class OpenVinoHRNet(LoadedModel):
         width is not None and images.shape[2] != width):
       raise ValueError(f"the optimized model takes only {height}x{width} inputs; got "
                        f"{images.shape[1]}x{images.shape[2]}")
-    request = self._request(("backbone", want_scores))
+    import openvino as ov  # pylint: disable=import-outside-toplevel
     names = (SCORES, FEATURES) if want_scores else (FEATURES,)
-    batch = self._shape[0]
-    if batch is not None and images.shape[0] != batch:
-      parts = [{n: np.array(v) for n, v in self._backbone(images[i:i + 1], want_scores)
-                .items()} for i in range(images.shape[0])]
-      return {n: np.concatenate([p[n] for p in parts]) for n in names}
-    request.infer({0: np.ascontiguousarray(images)}, share_inputs=True, share_outputs=True)
-    return {n: request.get_tensor(n).data for n in names}
+    batch, count = self._shape[0], images.shape[0]
+    if batch is not None and batch != 1:   # chunks of the IR's batch, the last padded
+      request = self._requests(("backbone", want_scores, False))[0]
+      parts = []
+      for start in range(0, count, batch):
+        chunk = np.zeros((batch, *images.shape[1:]), np.float32)
+        chunk[:min(batch, count - start)] = images[start:start + batch]
+        request.infer({0: chunk})
+        parts.append({n: np.array(request.get_tensor(n).data) for n in names})
+      return {n: np.concatenate([p[n] for p in parts])[:count] for n in names}
+    if count == 1:
+      request = self._requests(("backbone", want_scores, False))[0]
+      request.infer({0: np.ascontiguousarray(images)}, share_inputs=True,
+                    share_outputs=True)
+      return {n: request.get_tensor(n).data for n in names}
+    images = np.ascontiguousarray(images)
+    cells = (images.shape[1] // 4, images.shape[2] // 4)
+    outputs = {FEATURES: self._buffer(FEATURES, (count, *cells, self.feature_dim))}
+    if want_scores:
+      outputs[SCORES] = self._buffer(SCORES, (count, *images.shape[1:3], self.num_classes))
+    requests = self._requests(("backbone", want_scores, True))
+    started = []
+    try:
+      for slot in range(count):
+        if run is not None and not run[slot]:
+          continue
+        request = requests[len(started) % len(requests)]
+        if len(started) >= len(requests):
+          request.wait()
+        for name, array in outputs.items():
+          request.set_tensor(name, ov.Tensor(array[slot:slot + 1], shared_memory=True))
+        request.start_async({0: images[slot:slot + 1]}, share_inputs=True)
+        started.append(request)
+    finally:   # every request done before the buffers are read or an error leaves
+      errors = []
+      for request in started[-len(requests):]:
+        try:
+          request.wait()
+        except Exception as e:  # pylint: disable=broad-except
+          errors.append(e)
+      if errors:
+        raise errors[0]
+    return outputs
 
   def _post(self, backbone: dict, want_masks: bool, cell_weights, patch_weights) -> dict:
     features = backbone[FEATURES]
@@ -259,7 +319,7 @@ class OpenVinoHRNet(LoadedModel):
               "patch_weights": np.asarray(patch_weights, np.float32)}
     if want_masks:
       inputs[SCORES] = backbone[SCORES]
-    request = self._request(("post", want_masks))
+    request = self._requests(("post", want_masks, False))[0]
     request.infer({k: np.ascontiguousarray(v) for k, v in inputs.items()}, share_inputs=True)
     names = ("pooled", "patches") + (("class_ids", "stats") if want_masks else ())
     return {n: np.array(request.get_tensor(n).data) for n in names}
@@ -270,13 +330,17 @@ class OpenVinoHRNet(LoadedModel):
                   augmentation: Augmentation = Augmentation(),
                   want_confidence: bool = True,
                   patch_weights: Optional[np.ndarray] = None) -> TileOutputs:
-    """The job's call, as LoadedHRNet.infer_tiles: (B, H, W, 3) float32 -> TileOutputs."""
+    """The job's call, as LoadedHRNet.infer_tiles: (B, H, W, 3) float32 -> TileOutputs.
+    A slot whose cell and pixel weights are all zero (padding) is not run."""
     if augmentation.passes > 1:
       return self._tensorflow_engine().infer_tiles(
           images, want_masks, want_features, cell_weights, pixel_weights, threshold,
           ignore_below, augmentation, want_confidence, patch_weights)
+    count = len(images)
+    run = (np.asarray(cell_weights).reshape(count, -1).any(axis=1) |
+           np.asarray(pixel_weights).reshape(count, -1).any(axis=1))
     with self._lock:
-      out = self._post(self._backbone(images, want_masks), want_masks, cell_weights,
+      out = self._post(self._backbone(images, want_masks, run), want_masks, cell_weights,
                        patch_weights)
     want_patches = want_features and patch_weights is not None
     features = out["pooled"] if want_features else None
@@ -311,11 +375,12 @@ class OpenVinoHRNet(LoadedModel):
       return np.array(out[SCORES]), np.array(out[FEATURES])
 
   def probe(self, size: int = 64) -> tuple[int, int, int]:
-    """(num_classes, feature_dim, feature cells per `size` pixels) from one all-zero
-    image: the IR's own outputs, checked against its manifest. An IR of fixed size is
-    probed at that size, and the cells scaled to `size`."""
+    """(num_classes, feature_dim, feature cells per `size` pixels) from blank images:
+    the IR's own outputs, checked against its manifest. Two images, so that the probe
+    compiles the streams variant the job's calls use (its default call size is 2). An
+    IR of fixed size is probed at that size, and the cells scaled to `size`."""
     height, width = (d or size for d in self._shape[1:3])
-    images = np.zeros((self._shape[0] or 1, height, width, 3), np.float32)
+    images = np.zeros((self._shape[0] or 2, height, width, 3), np.float32)
     scores, features = self.run(images)
     if scores.shape[1:3] != (height, width):
       raise ValueError(f"{self.handle}: the IR returned scores {tuple(scores.shape)} for a "
