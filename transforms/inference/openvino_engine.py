@@ -214,7 +214,7 @@ class OpenVinoHRNet(LoadedModel):
     self._core = ov.Core()
     # Read once: each compiled variant edits a clone of it (backbone_model).
     self._ir = self._core.read_model(os.path.join(local_dir, IR_FILE))
-    self._precision_name, self._threads = precision, threads
+    self._threads = threads
     self._shape = tuple(None if d.is_dynamic else d.get_length() for d in list(
         self._ir.input(0).get_partial_shape()))
     self._compiled = {}
@@ -232,7 +232,7 @@ class OpenVinoHRNet(LoadedModel):
       kind, flag, streams = key
       if kind == "backbone":
         model = backbone_model(self._ir.clone(), flag)
-        config = compile_config(self._precision_name, self._threads, streams)
+        config = compile_config(self._precision, self._threads, streams)
       else:
         model = post_processing_model(self.num_classes, self.feature_dim,
                                       self.scores_kind, flag)
