@@ -48,6 +48,29 @@ def _peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# The instruction sets that decide what runs fast (PERFORMANCE.md names them per figure).
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+               "amx_int8")
+
+
+def machine(cpuinfo: str = "/proc/cpuinfo") -> dict:
+  """The CPU this run measured: model name, family and model, logical CPUs, and which of
+  SPEED_FLAGS it has (read as the precision checks read them)."""
+  from transforms.inference.precision import read_cpu_flags  # pylint: disable=import-outside-toplevel
+  fields = {}
+  try:
+    with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+  except OSError:
+    pass
+  flags = read_cpu_flags(cpuinfo)
+  return {"cpu": fields.get("model name", "unknown"), "family": fields.get("cpu family"),
+          "model": fields.get("model"), "logical_cpus": os.cpu_count(),
+          "flags": [flag for flag in SPEED_FLAGS if flag in flags]}
+
+
 def _images(directory: str, quick: bool, count: int, big: int) -> list:
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from pipeline.standin.scenes import generate_scene  # pylint: disable=import-outside-toplevel
@@ -328,6 +351,7 @@ def main(argv=None) -> int:
     if "tiles" in result:
       result["tiles_per_s"] = result["tiles"] / result["seconds"]
   report = {
+      "machine": machine(),
       "mode": "quick (reduced W8)" if args.quick else "full (W48)",
       "images": [len(images), "quick set" if args.quick else f"{args.count} x 1024^2 + "
                  f"{args.big} x 3000^2"],
@@ -342,6 +366,10 @@ def main(argv=None) -> int:
       "tta_flip_over_pipeline": results["pipeline_tta_flip"]["tiles_per_s"] /
                                 results["pipeline"]["tiles_per_s"],
   }
+  cpu = report["machine"]
+  print(f"CPU: {cpu['cpu']} (family {cpu['family']}, model {cpu['model']}), "
+        f"{cpu['logical_cpus']} logical CPUs; flags: {' '.join(cpu['flags']) or 'none'} "
+        f"(of {', '.join(SPEED_FLAGS)})")
   print(f"{'mode':10}{'seconds':>10}{'tiles/s':>10}{'images/s':>10}{'peak RSS':>12}")
   for mode, result in results.items():
     tiles = f"{result['tiles_per_s']:.2f}" if "tiles_per_s" in result else "-"

@@ -28,6 +28,18 @@ def test_cpu_flags_are_read_from_cpuinfo():
   assert cpu_flags("processor : 0\n") == frozenset()
 
 
+def test_the_benchmark_names_its_cpu_and_the_instruction_sets_that_matter(tmp_path):
+  from benchmarks.run import machine  # pylint: disable=import-outside-toplevel
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text(CPUINFO.format(extra="avx512_vnni avx512_bf16").replace(
+      "vendor_id", "cpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC 9B14\nvendor_id"))
+  described = machine(str(cpuinfo))
+  assert (described["cpu"], described["family"], described["model"]) == (
+      "AMD EPYC 9B14", "25", "17")
+  assert described["flags"] == ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]
+  assert machine(str(tmp_path / "missing"))["flags"] == []
+
+
 @pytest.mark.parametrize("precision, extra, gpus, supported", [
     (FLOAT32, "", [], True),
     (BFLOAT16, "", [], False),                    # AVX2/AVX512F alone: TF keeps float32
