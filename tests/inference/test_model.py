@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.standin import hrnet
+from transforms.augmentation import Augmentation
 from transforms.inference.model import LoadedHRNet, inspect_model, load_hrnet
 from transforms.inference.sources import ModelLoadError
 
@@ -174,6 +175,42 @@ def test_fused_model_runs_the_backbone_once_for_both_outputs(tiny_model):
   reference = tf.saved_model.load(tiny_model)
   expected = np.argmax(reference.predict(images).numpy(), axis=-1)
   np.testing.assert_array_equal(ids, expected)
+
+
+def _tile_call(loaded, images, augmentation=Augmentation()):
+  count, height, width = images.shape[:3]
+  cells = (count, height // 4, width // 4)
+  return loaded.infer_tiles(images, True, True, np.ones(cells, np.float32),
+                            np.ones(images.shape[:3], np.float32), 0.5, 0.3, augmentation,
+                            patch_weights=np.ones((count, 2, *cells[1:]), np.float32))
+
+
+def test_one_trace_serves_every_tile_shape_and_a_tile_ignores_the_shapes_before_it(
+    tiny_model):
+  """The job's call is traced once for all the shapes the fit grid picks (a trace of W48
+  costs about 10 s); rescaled test-time passes still trace per shape. A tile's outputs
+  are the same bytes whether its shape came first or after others."""
+  rng = np.random.default_rng(3)
+  shapes = [(1, 64, 96), (2, 96, 64), (1, 128, 128), (2, 64, 96)]
+  tiles = [rng.random((*shape, 3)).astype(np.float32) for shape in shapes]
+  module = CountingModule(tf.saved_model.load(tiny_model),
+                          [hrnet.FUSED_FUNCTION, "predict", "get_features"])
+  loaded = LoadedHRNet(module, "tiny", tiny_model)
+  outputs = [_tile_call(loaded, images) for images in tiles]
+  assert module.calls[hrnet.FUSED_FUNCTION] == 1
+  fresh = LoadedHRNet(tf.saved_model.load(tiny_model), "tiny", tiny_model)
+  for images, earlier in zip(reversed(tiles), reversed(outputs)):
+    again = _tile_call(fresh, images)
+    for field in ("class_ids", "confidence", "pseudo_labels", "qa_sums",
+                  "class_confidence_sums", "features", "patch_features"):
+      np.testing.assert_array_equal(getattr(again, field), getattr(earlier, field))
+  scaled = Augmentation(scales=(0.75, 1.0))
+  before = dict(module.calls)
+  for images in tiles[:3]:
+    assert _tile_call(loaded, images, scaled).class_ids.shape == images.shape[:3]
+  # Per shape: the 1.0 pass through the fused function, the 0.75 pass through predict.
+  assert module.calls[hrnet.FUSED_FUNCTION] - before[hrnet.FUSED_FUNCTION] == 3
+  assert module.calls["predict"] - before["predict"] == 3
 
 
 def test_uint8_images_are_refused_not_silently_cast(tiny_model):

@@ -122,7 +122,12 @@ class LoadedHRNet(LoadedModel):
   def _tile_function(self, augmentation: Augmentation, want_features: bool,
                      want_confidence: bool, want_pseudo: bool, shape: tuple,
                      want_patches: bool = False):
-    key = (augmentation, want_features, want_confidence, want_pseudo, shape, want_patches)
+    # Rescaled passes need the tile's sides when traced: one function per input shape.
+    # Otherwise one function serves every shape the grid picks: each trace of a large
+    # model costs seconds (W48: about 10 s a shape on 2 vCPU, PERFORMANCE.md).
+    generic = augmentation.scales == (1.0,)
+    key = (augmentation, want_features, want_confidence, want_pseudo,
+           None if generic else shape, want_patches)
     if key in self._tile_functions:
       return self._tile_functions[key]
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -184,8 +189,14 @@ class LoadedHRNet(LoadedModel):
                          else unused)
       return ids, confidence_8bit, pseudo, qa, class_confidence
 
-    # One function per input shape (the key): the job calls at a fixed shape per tile
-    # shape, and the passes' sizes are computed from the static tile sides.
+    def signature(*ranks):
+      """Shape-generic inputs: images, then each argument's rank (0 for a scalar)."""
+      return [tf.TensorSpec([None, None, None, 3], tf.float32)] + [
+          tf.TensorSpec([None] * rank, tf.float32) for rank in ranks]
+
+    def traced(function, *ranks):
+      return tf.function(function, input_signature=signature(*ranks) if generic else None)
+
     if want_patches:
       def with_patches(images, cell_weights, pixel_weights, threshold, ignore_below,
                        patch_weights):
@@ -193,17 +204,17 @@ class LoadedHRNet(LoadedModel):
         return (*summaries(probabilities, pixel_weights, threshold, ignore_below),
                 tf.einsum("bhw,bhwf->bf", cell_weights, features),
                 pool_patches(features, patch_weights))
-      function = tf.function(with_patches)
+      function = traced(with_patches, 3, 3, 0, 0, 4)
     elif want_features:
       def with_features(images, cell_weights, pixel_weights, threshold, ignore_below):
         probabilities, features = averaged(images)
         return (*summaries(probabilities, pixel_weights, threshold, ignore_below),
                 tf.einsum("bhw,bhwf->bf", cell_weights, features))
-      function = tf.function(with_features)
+      function = traced(with_features, 3, 3, 0, 0)
     else:
       def masks_only(images, pixel_weights, threshold, ignore_below):
         return summaries(averaged(images)[0], pixel_weights, threshold, ignore_below)
-      function = tf.function(masks_only)
+      function = traced(masks_only, 3, 0, 0)
     self._tile_functions[key] = function
     return function
 
