@@ -95,11 +95,13 @@ def model_tiles(patterns: list, tile_size: int, overlap: int, max_tiles: int,
   return np.stack(tiles)
 
 
-def _worker(model_handle: str, precision: str, tiles_path: str, result_path: str) -> None:
-  """One precision in this process: class ids, tile-mean features and seconds per tile."""
+def _worker(model_handle: str, precision: str, tiles_path: str, result_path: str,
+            fallback: str = "fail") -> None:
+  """One precision in this process: class ids, tile-mean features and seconds per tile,
+  and the precision that really ran (`fallback` float32: where the CPU lacks it)."""
   from transforms.inference.model import load_hrnet  # pylint: disable=import-outside-toplevel
   tiles = np.load(tiles_path)
-  model = load_hrnet(model_handle, precision=precision, precision_fallback="fail")
+  model = load_hrnet(model_handle, precision=precision, precision_fallback=fallback)
   model.infer(tiles[:1], True, True)  # trace and rewrite outside the timing
   ids, features = [], []
   started = time.perf_counter()
@@ -114,19 +116,27 @@ def _worker(model_handle: str, precision: str, tiles_path: str, result_path: str
 
 
 def _run_worker(model: str, precision: str, tiles_path: str, workdir: str,
-                name: str) -> dict:
+                name: str, fallback: str = "fail") -> dict:
   result_path = os.path.join(workdir, f"{name}.npz")
   subprocess.run([sys.executable, "-m", "pipeline.cli.compare_precision", "--model", model,
                   "--precision", precision, "--worker_tiles", tiles_path,
-                  "--worker_result", result_path], check=True)
+                  "--worker_result", result_path, "--worker_fallback", fallback], check=True)
   with np.load(result_path) as data:
     return {key: data[key] for key in data.files}
+
+
+def _optimized_precision(local_dir: str) -> str:
+  """The precision an optimized model was made for (its manifest's)."""
+  from transforms.inference.openvino_engine import read_manifest  # pylint: disable=import-outside-toplevel
+  return str(read_manifest(local_dir)["precision"])
 
 
 def compare(model: str, precision: str, tiles: np.ndarray, class_names: list | None,
             other_model: str | None = None) -> dict:
   """Runs float32 and `precision` on the same tiles in two processes and compares them;
-  with other_model (an optimized model), TensorFlow float32 of `model` against it.
+  with other_model (an optimized model), TensorFlow float32 of `model` against it. An
+  optimized bfloat16 model on a CPU without bfloat16 runs float32 (as the job would):
+  the report's `ran_at` says so.
 
   Without class names (or with too few), classes are named by index up to the largest id
   seen.
@@ -136,7 +146,7 @@ def compare(model: str, precision: str, tiles: np.ndarray, class_names: list | N
     np.save(tiles_path, tiles)
     reference = _run_worker(model, "float32", tiles_path, workdir, "reference")
     other = _run_worker(other_model or model, "float32" if other_model else precision,
-                        tiles_path, workdir, "other")
+                        tiles_path, workdir, "other", "float32" if other_model else "fail")
   seen = int(max(reference["ids"].max(), other["ids"].max())) + 1
   if class_names is None or seen > len(class_names):  # names that do not fit are not used
     class_names = [f"class_{i}" for i in range(seen)]
@@ -144,7 +154,7 @@ def compare(model: str, precision: str, tiles: np.ndarray, class_names: list | N
                             other["features"], class_names)
   report.update({
       "engine": str(other["engine"]),
-      "precision": str(other["precision"]) if other_model else precision,
+      "precision": _optimized_precision(other_model) if other_model else precision,
       "ran_at": str(other["precision"]), "tiles": int(len(tiles)), "tile_size": int(tiles.shape[1]),
       "float32_seconds_per_tile": float(reference["seconds_per_tile"]),
       "seconds_per_tile": float(other["seconds_per_tile"]),
@@ -156,8 +166,12 @@ def compare(model: str, precision: str, tiles: np.ndarray, class_names: list | N
 
 def print_report(report: dict) -> None:
   engine = "" if report.get("engine", "tensorflow") == "tensorflow" else "OpenVINO "
+  ran_at = report.get("ran_at", report["precision"])
+  fell_back = "" if ran_at == report["precision"] else (
+      f" (ran at {ran_at} here: this CPU lacks {report['precision']}; measure again on a "
+      "worker that has it)")
   print(f"{engine}{report['precision']} vs TensorFlow float32 on {report['tiles']} tiles of "
-        f"{report['tile_size']}px: {report['seconds_per_tile']:.3f} s/tile vs "
+        f"{report['tile_size']}px{fell_back}: {report['seconds_per_tile']:.3f} s/tile vs "
         f"{report['float32_seconds_per_tile']:.3f} (x{report['speedup_over_float32']:.2f})")
   print(f"pixel argmax agreement {report['pixel_agreement']:.4%}; pooled-feature cosine "
         f"mean {report['feature_cosine_mean']:.6f}, min {report['feature_cosine_min']:.6f}")
@@ -180,9 +194,11 @@ def main(argv=None, prog: str | None = None) -> int:
   parser.add_argument("--report", default=None, help="Also write the report as JSON here")
   parser.add_argument("--worker_tiles", help=argparse.SUPPRESS)
   parser.add_argument("--worker_result", help=argparse.SUPPRESS)
+  parser.add_argument("--worker_fallback", default="fail", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker_tiles:
-    _worker(args.model, args.precision, args.worker_tiles, args.worker_result)
+    _worker(args.model, args.precision, args.worker_tiles, args.worker_result,
+            args.worker_fallback)
     return EXIT_OK
   # pylint: disable=import-outside-toplevel
   from transforms import labels as labels_lib

@@ -164,6 +164,9 @@ def test_optimize_command_to_gcs_and_the_job_from_there(tiny_model, images, buck
   precision = "bfloat16" if effective_precision("bfloat16", "float32") == "bfloat16" \
       else "float32"
   assert {r["precision"] for r in rows.values()} == {precision}
+  # Where this CPU lacks bfloat16, the report measured what runs here, and says so.
+  assert ("ran at float32 here: this CPU lacks bfloat16" in done.stdout) == (
+      precision == "float32")
   done = subprocess.run(hrnet_beam("optimize", "--model", tiny_model, "--precision", "int8",
                                    "--calibration", images / "0.png", "--to", tmp_path / "x",
                                    "--tile_size", TILE), capture_output=True, text=True,
