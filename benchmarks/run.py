@@ -56,16 +56,17 @@ SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16
 def machine(cpuinfo: str = "/proc/cpuinfo") -> dict:
   """The CPU this run measured: model name, family and model, logical CPUs, and which of
   SPEED_FLAGS it has (read as the precision checks read them)."""
-  from transforms.inference.precision import read_cpu_flags  # pylint: disable=import-outside-toplevel
-  fields = {}
+  from transforms.inference.precision import cpu_flags  # pylint: disable=import-outside-toplevel
   try:
     with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
+      text = f.read()
   except OSError:
-    pass
-  flags = read_cpu_flags(cpuinfo)
+    text = ""
+  fields = {}
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    fields.setdefault(key.strip(), value.strip())
+  flags = cpu_flags(text)
   return {"cpu": fields.get("model name", "unknown"), "family": fields.get("cpu family"),
           "model": fields.get("model"), "logical_cpus": os.cpu_count(),
           "flags": [flag for flag in SPEED_FLAGS if flag in flags]}
