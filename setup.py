@@ -20,6 +20,7 @@ REQUIRED = [
     "pycocotools==2.0.11",   # COCO RLE (hrnet-beam export)
     "openvino==2026.4.1",    # the OpenVINO engine for optimized models
     "faiss-cpu==1.15.1",     # the vector index (hrnet-beam index, search, serve)
+    "matplotlib==3.11.2",    # the plots of hrnet-beam evaluate's report
 ]
 
 # hrnet-beam optimize quantizes with NNCF (it brings scipy and scikit-learn: workers

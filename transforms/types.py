@@ -221,3 +221,14 @@ class PolygonFeature:
   bbox: dict                        # xmin, ymin, xmax, ymax of the geometry
   crs_key: str                      # which file set it goes to: one CRS per file
   crs_wkt: Optional[str] = None     # that CRS (None: pixel coordinates or unknown CRS)
+
+
+@dataclasses.dataclass(frozen=True)
+class TruthRef:
+  """Where one image's reviewed labels are: a mask file to read, or the mask decoded
+  from a labeling tool's file (PNG of ids into the tool's classes, 255 unlabelled)."""
+  origin: str                       # the mask file, or '<tool file>#<image name>'
+  image_id: Optional[str] = None    # the job's image id, where the truth carries it
+  path: Optional[str] = None
+  mask_png: Optional[bytes] = None
+  error: Optional[str] = None       # why it could not be decoded

@@ -317,6 +317,12 @@ def run_parser(prog: str = "hrnet-beam run") -> argparse.ArgumentParser:
                   "that fail go to an errors file. The job's flags come first, then "
                   "Beam's (runner, Dataflow, workers).")
   HRNetOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+  return add_beam_flags(parser)
+
+
+def add_beam_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  """Beam's flags (runner, Dataflow, workers) on `parser`, one group per options class:
+  every command that runs a pipeline takes the same ones."""
   for cls in _beam_option_classes():
     group = parser.add_argument_group(f"Beam: {cls.__name__}")
     # Beam's template flags need its own parser's add_value_provider_argument.
@@ -328,13 +334,14 @@ def run_parser(prog: str = "hrnet-beam run") -> argparse.ArgumentParser:
   return parser
 
 
-def check_known_flags(argv) -> None:
+def check_known_flags(argv, parser: argparse.ArgumentParser | None = None,
+                      command: str = "run") -> None:
   """A misspelt flag fails before launch instead of being dropped with a log line."""
-  _, unknown = run_parser().parse_known_args(list(argv or []))
+  _, unknown = (parser or run_parser()).parse_known_args(list(argv or []))
   flags = [word.split("=", 1)[0] for word in unknown if word.startswith("-")]
   if flags:
-    raise ConfigError(f"unknown flag {', '.join(flags)}: see `hrnet-beam run --help` for "
-                      "the job's flags and Beam's")
+    raise ConfigError(f"unknown flag {', '.join(flags)}: see `hrnet-beam {command} --help` "
+                      "for its flags and Beam's")
 
 
 def _match_inputs(patterns: list[str], decode: DecodeConfig) -> ProgressTotal:
