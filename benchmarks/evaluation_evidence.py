@@ -11,20 +11,13 @@ the join; --plots copies the report's PNGs there (as evaluation-*.png).
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
+from benchmarks.commands import hrnet_beam
+
 SEED_START = 100  # held out: below the training seeds (pipeline.standin.train)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _hrnet_beam(*args) -> str:
-  command = [os.path.join(os.path.dirname(sys.executable), "hrnet-beam"), *map(str, args)]
-  done = subprocess.run(command, capture_output=True, text=True, check=False)
-  if done.returncode:
-    raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-  return done.stdout
 
 
 def main(argv=None) -> int:
@@ -36,13 +29,13 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   out = args.out or tempfile.mkdtemp(prefix="hrnet-beam-evaluation-")
   scenes, rows, report = (os.path.join(out, n) for n in ("scenes", "rows", "report"))
-  _hrnet_beam("scenes", "--output", scenes, "--count", args.count, "--height", args.side,
+  hrnet_beam("scenes", "--output", scenes, "--count", args.count, "--height", args.side,
               "--width", args.side, "--seed", SEED_START)
-  _hrnet_beam("run", "--input", f"{scenes}/scene_???.png", "--model",
+  hrnet_beam("run", "--input", f"{scenes}/scene_???.png", "--model",
               os.path.join(REPO, "models", "demo"), "--output", f"{rows}/segmentations",
               "--tile_size", 512, "--tile_overlap", 64, "--outputs", "masks,confidence",
               "--progress", "off")
-  print(_hrnet_beam("evaluate", f"{rows}/segmentations", "--truth",
+  print(hrnet_beam("evaluate", f"{rows}/segmentations", "--truth",
                     f"{scenes}/*.labels.png", "--truth_suffix", ".labels", "--truth_labels",
                     os.path.join(REPO, "pipeline", "standin", "scene_labels.json"),
                     "--report", report))

@@ -25,12 +25,15 @@ def main(argv=None, prog: str | None = None) -> int:
   parser.add_argument("--width", type=int, default=512)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--kind", choices=("mixed",) + KINDS, default="mixed")
+  parser.add_argument("--pools", action="store_true",
+                      help="Add swimming pools, a class the demo model never saw (label 6, "
+                           "'pool'; labels.json beside the scenes names it).")
   args = parser.parse_args(argv)
   if args.demo:
     paths = write_samples(args.output, args.seed)
   else:
     paths = write_scenes(args.output, args.count, args.height, args.width, args.seed,
-                         args.kind)
+                         args.kind, args.pools)
   for path in paths:
     print(path)
   return 0

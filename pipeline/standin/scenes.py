@@ -113,9 +113,12 @@ class _Canvas:
         labels[local] = label
 
 
-def generate_scene(height: int, width: int, seed: int, kind: str = "mixed"
-                   ) -> tuple[np.ndarray, np.ndarray]:
-  """(image uint8 (H, W, 3), labels uint8 (H, W)) of one scene, the same for the same seed."""
+def generate_scene(height: int, width: int, seed: int, kind: str = "mixed",
+                   pools: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """(image uint8 (H, W, 3), labels uint8 (H, W)) of one scene, the same for the same seed.
+
+  pools: also swimming pools (label POOL), a class the demo model never saw; painted
+  last from a random stream of their own, so the rest of the scene is unchanged."""
   rng = np.random.default_rng(seed)
   if kind == "mixed":
     kind = KINDS[int(rng.integers(len(KINDS)))]
@@ -214,7 +217,41 @@ def generate_scene(height: int, width: int, seed: int, kind: str = "mixed"
     lit = crown & canvas.disc_in(window, cy - radius * 0.3, cx - radius * 0.3, radius * 0.5)
     canvas.image[window[0]:window[1], window[2]:window[3]][lit] += 18
 
+  if pools:
+    _paint_pools(canvas, np.random.default_rng([seed, POOL]), _POOLS[kind] * megapixels)
   return np.clip(canvas.image, 0, 255).astype(np.uint8), canvas.labels
+
+
+POOL = 6            # the id scene_labels.json leaves unused
+_POOLS = {"urban": 12, "suburban": 45, "park": 6}   # per megapixel
+
+
+def _paint_pools(canvas, rng, expected: float) -> None:
+  """Turquoise rounded rectangles with a paved rim, on open grass only."""
+  canvas.rng, main = rng, canvas.rng
+  for _ in range(rng.poisson(expected)):
+    h, w = int(rng.integers(10, 22)), int(rng.integers(14, 34))
+    y, x = int(rng.integers(0, canvas.height - h - 4)), int(rng.integers(0, canvas.width - w - 4))
+    if (canvas.labels[y:y + h + 4, x:x + w + 4] != LOW_VEGETATION).any():
+      continue
+    rim = np.zeros(canvas.labels.shape, bool)
+    rim[y:y + h + 4, x:x + w + 4] = True
+    canvas.paint(rim, (205, 200, 190), IMPERVIOUS, 6)
+    water = np.zeros(canvas.labels.shape, bool)
+    water[y + 2:y + h + 2, x + 2:x + w + 2] = True
+    water[[y + 2, y + 2, y + h + 1, y + h + 1], [x + 2, x + w + 1, x + 2, x + w + 1]] = False
+    canvas.paint(water, (70, 175, 205), POOL, 8)
+  canvas.rng = main
+
+
+def pool_scene_labels() -> dict:
+  """The scene labels with id POOL named 'pool'."""
+  labels = scene_labels()
+  labels["name"] = "scenes with pools"
+  labels["classes"][POOL] = {"name": "pool", "color": [0, 150, 255]}
+  labels.pop("channel_mapping", None)
+  labels["note"] = "synthetic scenes with swimming pools (hrnet-beam scenes --pools)"
+  return labels
 
 
 def relight(image: np.ndarray, rng, gamma: float = 0.8, gain: float = 1.05,
@@ -226,12 +263,16 @@ def relight(image: np.ndarray, rng, gamma: float = 0.8, gain: float = 1.05,
 
 
 def write_scenes(output_dir: str, count: int, height: int, width: int, seed: int = 0,
-                 kind: str = "mixed") -> list[str]:
-  """Writes scene_NNN.png and scene_NNN.labels.png (label ids as pixel values)."""
+                 kind: str = "mixed", pools: bool = False) -> list[str]:
+  """Writes scene_NNN.png and scene_NNN.labels.png (label ids as pixel values); with
+  pools, also labels.json naming the pool class."""
   os.makedirs(output_dir, exist_ok=True)
+  if pools:
+    with open(os.path.join(output_dir, "labels.json"), "w", encoding="utf-8") as f:
+      json.dump(pool_scene_labels(), f, indent=1)
   paths = []
   for i in range(count):
-    image, labels = generate_scene(height, width, seed + i, kind)
+    image, labels = generate_scene(height, width, seed + i, kind, pools)
     path = os.path.join(output_dir, f"scene_{i:03d}.png")
     Image.fromarray(image).save(path)
     Image.fromarray(labels, mode="L").save(os.path.join(output_dir,

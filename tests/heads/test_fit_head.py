@@ -1,0 +1,128 @@
+"""fit-head and rank-models on the demo model and synthetic scenes with a class it never
+saw (pools): the new model runs through the job, polygons and an export; bad input is
+named before training."""
+import json
+import os
+import subprocess
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO_ROOT, hrnet_beam, read_rows, run_job
+from pipeline.cli import fit_head, rank_models
+from pipeline.cli.export import export
+from pipeline.standin.scenes import write_scenes
+
+DEMO = os.path.join(REPO_ROOT, "models", "demo")
+SIDE = 256
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("heads")
+  write_scenes(str(tmp / "scenes"), 6, SIDE, SIDE, seed=500, kind="suburban", pools=True)
+  return tmp
+
+
+def _args(tmp, *extra):
+  return ["--model", DEMO, "--images", str(tmp / "scenes" / "scene_???.png"),
+          "--truth", str(tmp / "scenes" / "*.labels.png"), "--truth_suffix", ".labels",
+          "--truth_labels", str(tmp / "scenes" / "labels.json"), "--pixels_per_image", "400",
+          "--holdout", "0.34", *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def fitted(scenes):
+  to = scenes / "pool_model"
+  assert fit_head.main(_args(scenes, "--to", to)) == 0
+  return to
+
+
+def test_the_fitted_model_learns_the_new_class_and_says_how_it_was_made(scenes, fitted):
+  report = json.loads((fitted / "fit_report.json").read_text())
+  held = report["held_out"]
+  assert held["images"] == 2 and report["classes"][6] == "pool"
+  assert held["per_class"]["pool"]["new_head_iou"] > 0.3
+  assert held["per_class"]["pool"]["base_head_iou"] is None     # the demo model has no pool
+  assert held["base_head_miou_on_shared"] > 0.5 and held["new_head_miou_on_shared"] > 0.5
+  assert [c["fraction"] for c in report["learning_curve"]] == [0.25, 0.5, 1.0]
+  assert set(report["timings"]) >= {"sample_features_s", "train_s", "total_s"}
+  labels = json.loads((fitted / "labels.json").read_text())
+  assert labels["head"]["base_model"] == DEMO and labels["head"]["seed"] == 0
+  assert len(labels["head"]["training_images"]) == 4
+  assert labels["head"]["sample_pixels"] == sum(labels["head"]["sample_pixels_per_class"].values())
+
+
+def test_the_fitted_model_runs_through_the_job_polygons_and_an_export(scenes, fitted, tmp_path):
+  out = tmp_path / "rows"
+  summary = run_job("--input", scenes / "scenes" / "scene_00[01].png", "--output", out,
+                    "--model", fitted, "--tile_size", 128, "--tile_overlap", 32,
+                    "--polygons_output", tmp_path / "polygons",
+                    "--outputs", "masks,features,confidence")
+  assert summary.rows == 2 and summary.errors == 0
+  rows = read_rows(out)
+  metadata = pq.read_schema(next(iter(sorted(tmp_path.glob("rows-*.parquet"))))).metadata
+  assert json.loads(metadata[b"hrnet_beam.class_names"])[6] == "pool"
+  assert b"fit-head" in metadata[b"hrnet_beam.labels_note"]
+  assert metadata[b"hrnet_beam.scores"] == b"probabilities"
+  assert any((r["mask"] == 6).any() for r in rows.values())        # pools found
+  polygons = pq.read_table(sorted(tmp_path.glob("polygons-*.parquet"))[0]).to_pylist()
+  assert "pool" in {p["class_name"] for p in polygons}
+  result = export(str(out), "coco", str(tmp_path / "coco"))
+  coco = json.loads((tmp_path / "coco" / "annotations.json").read_text())
+  assert result["images"] == 2 and coco["categories"][6]["name"] == "pool"
+
+
+def test_fitting_is_deterministic_for_a_seed(scenes, fitted, tmp_path):
+  assert fit_head.main(_args(scenes, "--to", tmp_path / "again")) == 0
+  first = json.loads((fitted / "fit_report.json").read_text())
+  again = json.loads((tmp_path / "again" / "fit_report.json").read_text())
+  for report in (first, again):
+    report.pop("timings")
+    report.pop("model")
+  assert first == again
+  from transforms.heads.features import FeatureModel  # pylint: disable=import-outside-toplevel
+  image = np.random.default_rng(0).random((1, 64, 64, 3), dtype=np.float32)
+  models = [FeatureModel(str(d)) for d in (fitted, tmp_path / "again")]
+  scores = [m.module.predict(image).numpy() for m in models]
+  np.testing.assert_array_equal(*scores)
+
+
+def test_bad_input_is_named_before_training(scenes, tmp_path, capsys):
+  labels = json.loads((scenes / "scenes" / "labels.json").read_text())
+  labels["classes"].append({"name": "solar_panel", "color": [9, 9, 9]})
+  (tmp_path / "more.json").write_text(json.dumps(labels))
+  args = _args(scenes, "--to", tmp_path / "m")
+  args[args.index("--truth_labels") + 1] = str(tmp_path / "more.json")
+  assert fit_head.main(args) == 2
+  err = capsys.readouterr().err
+  assert "'solar_panel' (0 pixels)" in err and "too few labelled pixels" in err
+  assert not (tmp_path / "m").exists()
+  args = _args(scenes, "--to", tmp_path / "m")
+  args[args.index("--truth") + 1] = str(tmp_path / "nothing*.png")
+  assert fit_head.main(args) == 2 and "matches no file" in capsys.readouterr().err
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  module = tf.Module()
+  module.predict = tf.function(lambda images: images,
+                               input_signature=[tf.TensorSpec([None, None, None, 3])])
+  tf.saved_model.save(module, str(tmp_path / "no_features"))
+  args = _args(scenes, "--to", tmp_path / "m")
+  args[args.index("--model") + 1] = str(tmp_path / "no_features")
+  assert fit_head.main(args) == 2 and "no get_features" in capsys.readouterr().err
+
+
+def test_rank_models_puts_the_trained_model_above_random_weights(scenes, tmp_path):
+  random_model = tmp_path / "random"
+  done = subprocess.run(hrnet_beam("export-model", "--output", random_model, "--width", 8,
+                                   "--depth", "reduced", "--num_classes", 7),
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  args = _args(scenes, "--report", tmp_path / "rank")
+  args[args.index("--model"):args.index("--model") + 2] = ["--models", f"{DEMO},{random_model}"]
+  assert rank_models.main(args) == 0
+  report = json.loads((tmp_path / "rank" / "ranking.json").read_text())
+  assert [s["handle"] for s in report["ranked_by_logme"]] == [DEMO, str(random_model)]
+  assert report["orders_agree"]
+  assert report["ranked_by_logme"][0]["held_out_head_miou"] > report["ranked_by_logme"][1][
+      "held_out_head_miou"]
