@@ -126,3 +126,18 @@ def test_rank_models_puts_the_trained_model_above_random_weights(scenes, tmp_pat
   assert report["orders_agree"]
   assert report["ranked_by_logme"][0]["held_out_head_miou"] > report["ranked_by_logme"][1][
       "held_out_head_miou"]
+
+
+def test_images_truth_and_model_from_gcs(scenes, bucket, tmp_path):
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  for path in sorted((scenes / "scenes").iterdir()):
+    with open(path, "rb") as f, FileSystems.create(f"{bucket}/labeled/{path.name}") as out:
+      out.write(f.read())
+  args = ["--model", DEMO, "--images", f"{bucket}/labeled/scene_00?.png", "--truth",
+          f"{bucket}/labeled/*.labels.png", "--truth_suffix", ".labels", "--truth_labels",
+          f"{bucket}/labeled/labels.json", "--pixels_per_image", "400", "--holdout", "0.34", "--to",
+          tmp_path / "from_gcs"]
+  assert fit_head.main([str(a) for a in args]) == 0
+  report = json.loads((tmp_path / "from_gcs" / "fit_report.json").read_text())
+  assert report["training_images"][0].startswith(f"{bucket}/labeled/")
+  assert len(report["training_images"]) == 4 and report["held_out"]["images"] == 2
