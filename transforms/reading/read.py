@@ -15,6 +15,7 @@ from transforms.reading.decode import DecodeError, decode_raster, read_block
 from transforms.reading import geotiff as geo
 from transforms.metrics import METRICS_NAMESPACE
 from transforms.progress import ProgressConfig, ProgressReporter
+from transforms.reading.compressed import open_decompressed, read_file
 from transforms.reading.shards import (FORMAT_IMAGE, FORMAT_TFRECORD, ShardError,
                                detect_format, tar_samples, tfrecord_examples)
 from transforms.types import EncodedImage, ErrorRecord, ImageRecord, RasterBlock
@@ -72,7 +73,7 @@ class _DecodeFn(beam.DoFn):
                           "(--max_record_bytes); not read")
         return
       try:
-        data = element.read()
+        data = read_file(element.metadata.path, limit)
       except Exception as e:  # pylint: disable=broad-except
         yield self._error(image_id, source, "read", f"{type(e).__name__}: {e}")
         return
@@ -190,7 +191,7 @@ class _ShardRecordsFn(beam.DoFn):
     shard_format = _format_of(shard, self._config)
     count = 0
     try:
-      with readable_file.open() as stream:
+      with open_decompressed(shard) as stream:
         if shard_format == FORMAT_TFRECORD:
           records = tfrecord_examples(stream, self._config.tfrecord_image_key,
                                       tuple(self._config.tfrecord_id_keys),
