@@ -38,3 +38,69 @@ def test_no_import_crosses_the_layout(folder):
         assert not bad, f"{os.path.relpath(path, REPO_ROOT)} imports {bad}"
         checked += 1
   assert checked >= 5
+
+
+def _module_graph() -> dict:
+  """{module: project modules it imports (at the top or inside functions)}, over
+  pipeline/, transforms/ and benchmarks/. `from package import name` counts as an import
+  of package.name where that is a module; a module's own parent packages are not edges."""
+  modules = {}
+  for folder in ("pipeline", "transforms", "benchmarks"):
+    for root, _, files in os.walk(os.path.join(REPO_ROOT, folder)):
+      for name in files:
+        if name.endswith(".py"):
+          path = os.path.join(root, name)
+          module = os.path.relpath(path, REPO_ROOT)[:-3].replace(os.sep, ".")
+          modules[module.removesuffix(".__init__")] = path
+  graph = {}
+  for module, path in modules.items():
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read(), path)
+    targets = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        targets.update(alias.name for alias in node.names)
+      elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        for alias in node.names:
+          full = f"{node.module}.{alias.name}"
+          targets.add(full if full in modules else node.module)
+    graph[module] = {t for t in targets if t in modules and t != module and
+                     not module.startswith(t + ".")}
+  return graph
+
+
+def _a_circle(graph: dict):
+  """One import circle as a list of modules, or None (depth-first search)."""
+  state, stack = {}, []
+
+  def visit(module):
+    state[module] = "open"
+    stack.append(module)
+    for target in sorted(graph[module]):
+      if state.get(target) == "open":
+        return stack[stack.index(target):] + [target]
+      if target not in state:
+        found = visit(target)
+        if found:
+          return found
+    stack.pop()
+    state[module] = "done"
+    return None
+  for module in sorted(graph):
+    if module not in state:
+      found = visit(module)
+      if found:
+        return found
+  return None
+
+
+def test_no_module_imports_itself_in_a_circle():
+  graph = _module_graph()
+  assert len(graph) > 50
+  circle = _a_circle(graph)
+  assert circle is None, "import circle: " + " -> ".join(circle)
+
+
+def test_the_circle_check_finds_a_circle():
+  assert _a_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+  assert _a_circle({"a": {"b"}, "b": set()}) is None

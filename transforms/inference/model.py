@@ -3,6 +3,7 @@ load-and-inspect steps the job runs before launch and each worker runs once."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, Optional
@@ -374,7 +375,17 @@ def _load_optimized(handle: str, local_dir: str, precision: str, fallback: str,
     raise ModelLoadError(_OPTIMIZED_ON_GPU.format(handle=handle))
   manifest = read_manifest(local_dir)
   effective = effective_precision(manifest["precision"], fallback)
-  return OpenVinoHRNet(handle, local_dir, effective, threads[0])
+  return OpenVinoHRNet(handle, local_dir, effective, threads[0],
+                       tensorflow_engine=functools.partial(
+                           _tensorflow_around, handle=handle, local_dir=local_dir,
+                           precision=effective))
+
+
+def _tensorflow_around(module, handle: str, local_dir: str, precision: str) -> LoadedHRNet:
+  """The TensorFlow engine over a SavedModel-like module (an IR's OpenVinoModule), at
+  float32 around it: what test-time augmentation over an optimized model runs."""
+  apply_precision(FLOAT32, "float32")
+  return LoadedHRNet(module, handle, local_dir, precision)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -202,7 +202,11 @@ class OpenVinoHRNet(LoadedModel):
 
   engine = ENGINE_OPENVINO
 
-  def __init__(self, handle: str, local_dir: str, precision: str, threads: int = 0):
+  def __init__(self, handle: str, local_dir: str, precision: str, threads: int = 0,
+               tensorflow_engine=None):
+    """tensorflow_engine: module -> LoadedModel, the TensorFlow engine wrapped around a
+    SavedModel-like module (OpenVinoModule), for test-time augmentation; given by the
+    loader, so that this engine never imports the TensorFlow one."""
     super().__init__(handle, local_dir, precision)
     import openvino as ov  # pylint: disable=import-outside-toplevel
     self.manifest = read_manifest(local_dir)
@@ -221,6 +225,7 @@ class OpenVinoHRNet(LoadedModel):
     self._buffers = {}   # name -> flat float32 array, grown to the largest call so far
     self._lock = threading.Lock()   # one call at a time: calls from threads take turns
     self._tensorflow = None
+    self._make_tensorflow_engine = tensorflow_engine
 
   def input_shape(self) -> tuple:
     return tuple(-1 if d is None else d for d in self._shape)
@@ -395,12 +400,10 @@ class OpenVinoHRNet(LoadedModel):
   def _tensorflow_engine(self):
     """The TensorFlow engine's post-processing over this IR (test-time augmentation)."""
     if self._tensorflow is None:
-      # pylint: disable=import-outside-toplevel
-      from transforms.inference.model import LoadedHRNet
-      from transforms.inference.precision import apply_precision
-      apply_precision(FLOAT32, "float32")
-      self._tensorflow = LoadedHRNet(OpenVinoModule(self), self.handle, self.local_dir,
-                                     self._precision)
+      if self._make_tensorflow_engine is None:
+        raise ValueError(f"{self.handle}: --tta over an optimized model needs the "
+                         "TensorFlow engine; load the model with load_hrnet")
+      self._tensorflow = self._make_tensorflow_engine(OpenVinoModule(self))
     return self._tensorflow
 
 

@@ -21,24 +21,16 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from transforms.reading import geotiff as geo
+from transforms.reading.errors import DecodeError, check_size
+
+__all__ = ["DecodeError", "check_size", "decode_image", "decode_raster", "read_block"]
+
 # We enforce our own limit (max_pixels) before decoding; Pillow's own check would
 # refuse large-but-legitimate aerial tiles with a less helpful message.
 Image.MAX_IMAGE_PIXELS = None
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
-
-class DecodeError(ValueError):
-  """The bytes are not an image this pipeline can read; the message says why."""
-
-
-def check_size(height: int, width: int, max_pixels: int) -> None:
-  if height < 1 or width < 1:
-    raise DecodeError(f"image has no pixels ({width}x{height})")
-  if height * width > max_pixels:
-    raise DecodeError(
-        f"image declares {width}x{height} = {width * height} pixels, above "
-        f"--max_pixels={max_pixels}")
 
 
 MAX_BANDS = 16   # bands kept from a GeoTIFF for --channel_mapping indices
@@ -140,13 +132,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 
 def read_block(block):
   """A RasterBlock's pixels, read as a window of its raster (geo.py)."""
-  from transforms.reading import geotiff as geo  # pylint: disable=import-outside-toplevel
   return geo.read_window(block.source, block.y, block.x, block.height, block.width, _to_rgb)
 
 
 def decode_raster(data: bytes, max_pixels: int):
   """Like decode_image, plus georeferencing and nodata for GeoTIFFs (geo.py)."""
-  from transforms.reading import geotiff as geo  # pylint: disable=import-outside-toplevel
   if data[:4] in _TIFF_MAGIC and geo.is_geotiff(data):
     return geo.read_geotiff(data, max_pixels, _to_rgb)
   return geo.Raster(decode_image(data, max_pixels), None, None)

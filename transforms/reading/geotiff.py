@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 
+from transforms.reading.errors import DecodeError, check_size
 from transforms.types import GeoReference
 
 GCS_READ_CHUNK = 1 << 20   # bytes per ranged GCS read when reading a raster by windows
@@ -63,7 +64,6 @@ def _read_raster(dataset, to_rgb, window=None) -> Raster:
   # pylint: disable=import-outside-toplevel
   from rasterio.enums import ColorInterp
   from rasterio.windows import transform as window_transform
-  from transforms.reading.decode import DecodeError
   bands = [i + 1 for i, interp in enumerate(dataset.colorinterp) if interp != ColorInterp.alpha]
   if not bands:
     raise DecodeError("raster has only an alpha band")
@@ -80,7 +80,6 @@ def read_geotiff(data: bytes, max_pixels: int, to_rgb) -> Raster:
   """Bytes of a GeoTIFF -> Raster. `to_rgb` maps (H, W, C) arrays as decode.py does."""
   # pylint: disable=import-outside-toplevel
   from rasterio.io import MemoryFile
-  from transforms.reading.decode import DecodeError, check_size
   try:
     with MemoryFile(data) as memory, memory.open() as dataset:
       check_size(dataset.height, dataset.width, max_pixels)
@@ -127,7 +126,6 @@ def read_window(path: str, y: int, x: int, height: int, width: int, to_rgb) -> R
   """One block of a raster, with its own transform and nodata mask; nothing else read."""
   # pylint: disable=import-outside-toplevel
   from rasterio.windows import Window
-  from transforms.reading.decode import DecodeError
   try:
     with _open(path) as dataset:
       return _read_raster(dataset, to_rgb, Window(x, y, width, height))
