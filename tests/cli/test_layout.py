@@ -14,16 +14,20 @@ FORBIDDEN = {
 }
 
 
-def _imports(path: str) -> set:
+def _import_statements(path: str):
+  """(module, names imported from it) per import in the file, top level or not."""
   with open(path, encoding="utf-8") as f:
     tree = ast.parse(f.read(), path)
-  names = set()
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
-      names.update(alias.name for alias in node.names)
+      for alias in node.names:
+        yield alias.name, ()
     elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-      names.add(node.module)
-  return names
+      yield node.module, tuple(alias.name for alias in node.names)
+
+
+def _imports(path: str) -> set:
+  return {module for module, _ in _import_statements(path)}
 
 
 @pytest.mark.parametrize("folder", sorted(FORBIDDEN))
@@ -54,16 +58,10 @@ def _module_graph() -> dict:
           modules[module.removesuffix(".__init__")] = path
   graph = {}
   for module, path in modules.items():
-    with open(path, encoding="utf-8") as f:
-      tree = ast.parse(f.read(), path)
     targets = set()
-    for node in ast.walk(tree):
-      if isinstance(node, ast.Import):
-        targets.update(alias.name for alias in node.names)
-      elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-        for alias in node.names:
-          full = f"{node.module}.{alias.name}"
-          targets.add(full if full in modules else node.module)
+    for imported, names in _import_statements(path):
+      targets.add(imported)
+      targets.update(f"{imported}.{n}" for n in names if f"{imported}.{n}" in modules)
     graph[module] = {t for t in targets if t in modules and t != module and
                      not module.startswith(t + ".")}
   return graph
