@@ -141,3 +141,34 @@ def test_images_truth_and_model_from_gcs(scenes, bucket, tmp_path):
   report = json.loads((tmp_path / "from_gcs" / "fit_report.json").read_text())
   assert report["training_images"][0].startswith(f"{bucket}/labeled/")
   assert len(report["training_images"]) == 4 and report["held_out"]["images"] == 2
+
+
+def test_the_fitted_model_optimizes_and_its_rows_index(scenes, fitted, tmp_path):
+  from pipeline.cli.index import index  # pylint: disable=import-outside-toplevel
+  from pipeline.cli.optimize import optimize  # pylint: disable=import-outside-toplevel
+  report = optimize(str(fitted), "float32", [str(scenes / "scenes" / "scene_00?.png")],
+                    str(tmp_path / "ir"), tile_size=128, tile_overlap=32,
+                    calibration_tiles=2, holdout_tiles=2)
+  assert report["pixel_agreement"] > 0.999 and "pool" in report["iou_per_class"]
+  out = tmp_path / "rows"
+  summary = run_job("--input", scenes / "scenes" / "scene_00?.png", "--output", out,
+                    "--model", tmp_path / "ir", "--tile_size", 128, "--tile_overlap", 32)
+  assert summary.rows == 6 and summary.errors == 0
+  rows = read_rows(out)
+  assert {r["engine"] for r in rows.values()} == {"openvino"}
+  built = index(str(out), str(tmp_path / "index"))
+  assert built is not None and (tmp_path / "index").exists()
+  # pylint: disable=import-outside-toplevel
+  from transforms.exports.rows import row_files
+  from transforms.index.search import Searcher
+  from transforms.serving.app import JobOutput, make_server
+  import threading
+  import urllib.request
+  httpd = make_server(JobOutput(row_files(str(out)), Searcher(str(tmp_path / "index"))),
+                      "127.0.0.1", 0)
+  threading.Thread(target=httpd.serve_forever, daemon=True).start()
+  with urllib.request.urlopen(f"http://127.0.0.1:{httpd.server_address[1]}/api/info",
+                              timeout=30) as response:
+    info = json.loads(response.read())
+  httpd.shutdown()
+  assert info["images"] == 6 and info["class_names"][6] == "pool"
