@@ -172,3 +172,32 @@ def test_the_fitted_model_optimizes_and_its_rows_index(scenes, fitted, tmp_path)
     info = json.loads(response.read())
   httpd.shutdown()
   assert info["images"] == 6 and info["class_names"][6] == "pool"
+
+
+FIT_IN_CHILD = r"""
+import sys
+from pipeline.cli import fit_head
+assert fit_head.main(sys.argv[1:]) == 0
+with open("/proc/self/status") as f:
+  print(next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM")))
+"""
+
+
+def test_fitting_memory_does_not_grow_with_the_number_of_images(tmp_path):
+  """Peak RSS of fit-head on 6 and on 24 scenes of 512x512 (a sample of 300 pixels each):
+  images are read one at a time, so only the sample (about 150 KB an image) may grow."""
+  import sys  # pylint: disable=import-outside-toplevel
+  peaks = {}
+  for count in (6, 24):
+    scenes = tmp_path / f"s{count}"
+    write_scenes(str(scenes), count, 512, 512, seed=600, kind="suburban", pools=True)
+    done = subprocess.run(
+        [sys.executable, "-c", FIT_IN_CHILD, "--model", DEMO, "--images",
+         str(scenes / "scene_???.png"), "--truth", str(scenes / "*.labels.png"),
+         "--truth_suffix", ".labels", "--truth_labels", str(scenes / "labels.json"),
+         "--pixels_per_image", "300", "--holdout", "0.34", "--to", str(tmp_path / f"m{count}")],
+        capture_output=True, text=True, check=False, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    peaks[count] = int(done.stdout.strip().splitlines()[-1])
+  print(f"fit-head peak RSS: 6 scenes {peaks[6] >> 20} MiB, 24 scenes {peaks[24] >> 20} MiB")
+  assert peaks[24] - peaks[6] < 64 << 20, peaks
