@@ -11,7 +11,7 @@ DATUMARO_PIN := datumaro==1.13.12
 DATUMARO_STAMP := $(DATUMARO)/.installed-$(DATUMARO_PIN)
 DEMO := demo-output
 
-.PHONY: venv browser demo test bench bench-quick bench-many bench-index clean
+.PHONY: venv browser demo test bench bench-quick bench-many bench-launch bench-index clean
 
 $(STAMP): setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ bench-quick: $(STAMP)
 # 20,000 small files and a 20,000-record shard through the local runner (a few minutes).
 bench-many: $(STAMP)
 	$(BIN)/python -m benchmarks.many_files --report bench-report-many.json
+
+# Launch at 10,000 / 100,000 / 1,000,000 local files and 100,000 GCS-emulator objects, and
+# --skip_existing over 1,000,000 existing rows (about fifteen minutes; a few GB of disk).
+bench-launch: $(STAMP)
+	$(BIN)/python -m benchmarks.launch_scale --report bench-report-launch.json
 
 # One million synthetic 720-d vectors indexed under a 4 GB budget (about ten minutes).
 bench-index: $(STAMP)

@@ -14,6 +14,10 @@ import os
 import time
 import uuid
 
+import apache_beam as beam
+
+from transforms.metrics import METRICS_NAMESPACE
+
 logger = logging.getLogger(__name__)
 
 WRITE_INTERVAL_S = 0.5   # a reporter rewrites its file at most this often (and at flush)
@@ -27,21 +31,45 @@ class ProgressConfig:
 
 @dataclasses.dataclass
 class ProgressCounts:
-  """Running totals; `found` and `resolved` let the launcher say when its total is exact.
+  """Running totals, from which the launcher tells the number of inputs and whether it is
+  final: the job lists its patterns as it runs, and nothing is counted before launch.
 
+  listed: files the patterns matched so far (a file matched by two patterns twice);
+  patterns: patterns listed to the end; checked: listed files seen once per path (after
+  the shuffle that drops repeats), duplicates: the repeats among them; expandable: files
+  that may hold several inputs (shards, TIFFs), resolved: those whose number is known;
   found: inputs discovered beyond the one file they came from (a shard's records, a huge
-  raster's blocks), so the total is files + found. resolved: files that may expand (shards,
-  TIFFs) whose number of inputs is now known.
+  raster's blocks). The total is listed - duplicates + found.
   """
   done: int = 0
   errors: int = 0
   tiles: int = 0
   found: int = 0
   resolved: int = 0
+  listed: int = 0
+  patterns: int = 0
+  checked: int = 0
+  duplicates: int = 0
+  expandable: int = 0
 
   def add(self, other: "ProgressCounts") -> None:
     for field in dataclasses.fields(self):
       setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+  def total(self, patterns: int) -> tuple[int, bool]:
+    """(inputs known so far, whether more may come) for a job of `patterns` patterns."""
+    growing = (self.patterns < patterns or self.checked < self.listed or
+               self.resolved < self.expandable)
+    return self.listed - self.duplicates + self.found, growing
+
+
+# Counted as Beam metrics too, so a remote job's launcher (and Dataflow's UI) sees them.
+COUNTED_FIELDS = ("found", "resolved", "listed", "patterns", "checked", "duplicates",
+                  "expandable")
+
+
+def metric_name(field: str) -> str:
+  return f"progress_{field}"
 
 
 def read_reports(report_dir: str) -> ProgressCounts:
@@ -75,10 +103,15 @@ class ProgressReporter:
       self._path = os.path.join(config.report_dir,
                                 f"{stage}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
     self._started = self._last = time.monotonic()
+    self._counters = {field: beam.metrics.Metrics.counter(METRICS_NAMESPACE, metric_name(field))
+                      for field in COUNTED_FIELDS}
 
-  def add(self, done: int = 0, errors: int = 0, tiles: int = 0, found: int = 0,
-          resolved: int = 0) -> None:
-    self.counts.add(ProgressCounts(done, errors, tiles, found, resolved))
+  def add(self, **counts: int) -> None:
+    """Adds to the totals: done, errors, tiles, or any other field of ProgressCounts."""
+    self.counts.add(ProgressCounts(**counts))
+    for field, value in counts.items():
+      if value and field in self._counters:
+        self._counters[field].inc(value)
     now = time.monotonic()
     if self._path:
       if now - self._last >= WRITE_INTERVAL_S:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from pipeline.job.progress import ProgressTotal
 from transforms.config import (DecodeConfig, InferenceConfig, ModelConfig, PolygonConfig,
                                TilingConfig)
 from transforms.progress import ProgressConfig
@@ -32,6 +31,5 @@ class JobConfig:
   patch_output: str | None = None       # GeoParquet prefix for patch embeddings
   store_confidence: bool = True         # False: confidence maps were computed for the
                                         # polygons only and stay out of the Parquet rows
-  input_total: ProgressTotal = ProgressTotal(0, 0)   # what the pre-launch match found
   progress: ProgressConfig = ProgressConfig()
   progress_mode: str = "auto"          # auto, bar, lines or off (progress.py)

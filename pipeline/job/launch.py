@@ -23,7 +23,7 @@ from pipeline.job.options import (LOCAL_RUNNER_NAMES, HRNetOptions, check_known_
 from pipeline.job.progress import ProgressDisplay, progress_line
 from transforms.inference.model import release_preloaded
 from transforms.metrics import METRICS_NAMESPACE
-from transforms.progress import ProgressCounts, read_reports
+from transforms.progress import COUNTED_FIELDS, ProgressCounts, metric_name, read_reports
 
 logger = logging.getLogger(__name__)
 
@@ -112,16 +112,15 @@ def run(argv=None, test_pipeline=None) -> RunSummary:
 
 def _plan_lines(cfg: JobConfig) -> list:
   """What the job will do, in the words a user checks before waiting for it."""
-  model, total = cfg.model, cfg.input_total
-  expands = (f" ({total.expandable} of them shards or TIFFs that may hold several inputs)"
-             if total.expandable else "")
+  model, patterns = cfg.model, len(cfg.input_patterns)
   return [
       f"hrnet-beam: model {model.handle}: {model.num_classes} classes ({model.labels.name}), "
       f"{model.feature_dim} feature channels, " + (
           f"precision {model.precision}" if model.engine == "tensorflow" else
           f"OpenVINO {json.loads(model.manifest_json)['precision']} (optimized from "
           f"{json.loads(model.manifest_json)['source_model']})"),
-      f"hrnet-beam: {total.files} input files{expands}; rows to {cfg.output}-*.parquet, "
+      f"hrnet-beam: {patterns} input pattern{'s' if patterns > 1 else ''}, each matching "
+      f"at least one file (the job counts them as it lists); rows to {cfg.output}-*.parquet, "
       f"errors to {cfg.errors_output}-*.jsonl"]
 
 
@@ -129,7 +128,9 @@ def _metric_counts(values: dict) -> ProgressCounts:
   errors = values.get("decode_errors", 0) + values.get("inference_errors", 0)
   return ProgressCounts(done=values.get("rows", 0) + errors + values.get("skipped_existing", 0),
                         errors=errors, tiles=values.get("tiles_inferred", 0) +
-                        values.get("tiles_nodata_skipped", 0))
+                        values.get("tiles_nodata_skipped", 0),
+                        **{field: values.get(metric_name(field), 0)
+                           for field in COUNTED_FIELDS})
 
 
 def _run(options: PipelineOptions, cfg: JobConfig, test_pipeline) -> RunSummary:
@@ -159,7 +160,7 @@ def _run(options: PipelineOptions, cfg: JobConfig, test_pipeline) -> RunSummary:
   failure, exit_status, values = "", EXIT_OK, {}
   display = None
   if report_dir:
-    display = ProgressDisplay(cfg.input_total, lambda: read_reports(report_dir),
+    display = ProgressDisplay(len(cfg.input_patterns), lambda: read_reports(report_dir),
                               cfg.progress_mode, cfg.progress.log_interval_s).start()
   try:
     result = p.run()
@@ -213,5 +214,5 @@ def _wait_showing_progress(result, cfg: JobConfig) -> None:
       counts = _metric_counts(_counter_values(result))
     except Exception:  # pylint: disable=broad-except  # metrics not available yet
       continue
-    print(progress_line(cfg.input_total, counts, time.monotonic() - started), file=sys.stderr,
+    print(progress_line(len(cfg.input_patterns), counts, time.monotonic() - started), file=sys.stderr,
           flush=True)

@@ -15,7 +15,6 @@ from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions
 
 from pipeline.job.config import ConfigError, JobConfig
 from pipeline.job.progress import MODES as PROGRESS_MODES
-from pipeline.job.progress import ProgressTotal
 from transforms import labels as labels_lib
 from transforms.config import (GRID_FIT, GRID_FIXED, OUTPUT_CONFIDENCE, OUTPUT_FEATURES,
                                OUTPUT_MASKS,
@@ -25,7 +24,7 @@ from transforms.augmentation import parse as parse_augmentation
 from transforms.inference.confidence import MAX_CLASSES_WITH_IGNORE
 from transforms.inference.model import inspect_model
 from transforms.progress import ProgressConfig
-from transforms.reading.read import may_expand
+from transforms.reading.listing import first_match
 from transforms.inference.sources import DEFAULT_CACHE_DIR, ModelLoadError
 from transforms.inference.precision import (FALLBACKS, FLOAT32, PRECISIONS,
                                   PrecisionUnsupportedError)
@@ -344,20 +343,17 @@ def check_known_flags(argv, parser: argparse.ArgumentParser | None = None,
                       "for its flags and Beam's")
 
 
-def _match_inputs(patterns: list[str], decode: DecodeConfig) -> ProgressTotal:
-  """Lists the patterns once (names and sizes, no data): each must match a file, and the
-  files found are the progress display's total."""
-  try:
-    results = FileSystems.match(patterns)
-  except Exception as e:  # e.g. a missing bucket, no permission
-    raise ConfigError(f"cannot list --input {patterns}: {e}") from e
-  paths = set()
-  for pattern, result in zip(patterns, results):
-    if not result.metadata_list:
+def _check_inputs_match(patterns: list[str]) -> None:
+  """Each pattern must match a file: the listing stops at the first one (one list call), so
+  launch takes the same time and memory for ten files or ten million. The job lists them."""
+  for pattern in patterns:
+    try:
+      found = first_match(pattern)
+    except Exception as e:  # e.g. a missing bucket, no permission
+      raise ConfigError(f"cannot list --input {pattern!r}: {e}") from e
+    if found is None:
       raise ConfigError(f"--input {pattern!r} matches no file: check the path and the "
                         "pattern (quote it so the shell does not expand it)")
-    paths.update(meta.path for meta in result.metadata_list)
-  return ProgressTotal(len(paths), sum(1 for path in paths if may_expand(path, decode)))
 
 
 def _parse_outputs(text: str) -> tuple:
@@ -596,7 +592,7 @@ def job_config_from_options(options: HRNetOptions,
       tuple(k.strip() for k in options.tfrecord_id_keys.split(",") if k.strip()),
       window_threshold=options.window_threshold, block_size=options.block_size,
       max_record_bytes=options.max_record_bytes)
-  input_total = _match_inputs(list(options.input), decode)
+  _check_inputs_match(list(options.input))
   _check_writable(rows_prefix, run_id)
   _check_writable(errors_prefix, run_id)
   if options.mask_geotiff_dir:
@@ -660,7 +656,7 @@ def job_config_from_options(options: HRNetOptions,
       model=model, inference=inference, run_id=run_id, existing_rows=existing,
       existing_errors=existing_errors,
       max_error_fraction=options.max_error_fraction,
-      mask_geotiff_dir=options.mask_geotiff_dir, input_total=input_total,
+      mask_geotiff_dir=options.mask_geotiff_dir,
       polygons_output=polygons_output, polygons=polygons, store_confidence=store_confidence,
       patch_output=patch_output,
       progress=ProgressConfig(log_interval_s=options.progress_interval),

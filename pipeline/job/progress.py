@@ -1,9 +1,10 @@
 """The launcher's progress display: inputs done of the total, errors, tiles/s, elapsed, ETA.
 
 On a terminal, one line updated in place (tqdm); elsewhere (CI, Dataflow launcher logs) a
-plain line every `interval_s` seconds. The total comes from the pre-launch match: one
-input per file, plus what shards and huge rasters turn out to hold, so it reads
-"1204+" until every such file has been opened.
+plain line every `interval_s` seconds. Nothing is listed before launch but one file per
+pattern: the total is counted as the job lists its patterns (one input per file, plus what
+shards and huge rasters turn out to hold), so it reads "1204+" until every pattern has
+been listed and every such file opened.
 """
 from __future__ import annotations
 
@@ -22,25 +23,18 @@ MODES = ("auto", "bar", "lines", "off")
 POLL_INTERVAL_S = 0.25
 
 
-@dataclasses.dataclass(frozen=True)
-class ProgressTotal:
-  """What the pre-launch match found: files, and how many of them may expand."""
-  files: int
-  expandable: int
-
-
-def total_text(total: ProgressTotal, counts: ProgressCounts) -> tuple[int, bool]:
-  """(inputs known so far, whether more may come)."""
-  return total.files + counts.found, counts.resolved < total.expandable
+def total_text(patterns: int, counts: ProgressCounts) -> tuple[int, bool]:
+  """(inputs known so far, whether more may come) for a job of `patterns` patterns."""
+  return counts.total(patterns)
 
 
 def format_seconds(seconds: Optional[float]) -> str:
   return "?" if seconds is None else tqdm.format_interval(seconds)
 
 
-def progress_line(total: ProgressTotal, counts: ProgressCounts, elapsed: float) -> str:
+def progress_line(patterns: int, counts: ProgressCounts, elapsed: float) -> str:
   """One plain line: 'progress: 70/1204+ inputs, 3 errors, 412 tiles, 1.9 tiles/s, ...'."""
-  known, growing = total_text(total, counts)
+  known, growing = total_text(patterns, counts)
   rate = counts.done / elapsed if elapsed > 0 else 0.0
   eta = (known - counts.done) / rate if rate > 0 and known >= counts.done else None
   return (f"progress: {counts.done}/{known}{'+' if growing else ''} inputs, "
@@ -64,9 +58,9 @@ def _columns(stream) -> int:
 class ProgressDisplay:
   """Polls `read_counts` in a thread and shows the result until stop()."""
 
-  def __init__(self, total: ProgressTotal, read_counts: Callable[[], ProgressCounts],
+  def __init__(self, patterns: int, read_counts: Callable[[], ProgressCounts],
                mode: str = "auto", interval_s: float = 10.0, stream: TextIO | None = None):
-    self._total = total
+    self._patterns = patterns
     self._read_counts = read_counts
     self._stream = stream or sys.stderr
     if mode == "auto":
@@ -87,10 +81,10 @@ class ProgressDisplay:
     if self.mode == "bar":
       # A terminal that reports no size (some pseudo-terminals) would get an empty bar.
       sized = _columns(self._stream) > 0
-      self._bar = tqdm(total=self._total.files, unit="input", file=self._stream,
+      self._bar = tqdm(total=0, unit="input", file=self._stream,
                        dynamic_ncols=sized, ncols=None if sized else 100,
                        nrows=None if sized else 24, desc="hrnet-beam", leave=True,
-                       bar_format=_bar_format(self._total.expandable > 0))
+                       bar_format=_bar_format(True))
     self._thread = threading.Thread(target=self._loop, name="hrnet-beam-progress",
                                     daemon=True)
     self._thread.start()
@@ -107,7 +101,7 @@ class ProgressDisplay:
         self._write_line(counts)
 
   def _update_bar(self, counts: ProgressCounts) -> None:
-    known, growing = total_text(self._total, counts)
+    known, growing = total_text(self._patterns, counts)
     self._bar.total = max(known, counts.done)
     self._bar.n = counts.done
     self._bar.bar_format = _bar_format(growing)
@@ -118,7 +112,7 @@ class ProgressDisplay:
     self._bar.refresh()
 
   def _write_line(self, counts: ProgressCounts) -> None:
-    print(progress_line(self._total, counts, time.monotonic() - self._started),
+    print(progress_line(self._patterns, counts, time.monotonic() - self._started),
           file=self._stream, flush=True)
     self.lines_written += 1
     self._last_written = dataclasses.astuple(counts)

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.cli import COMMANDS
 from pipeline.job.options import FLAG_GROUPS, HRNetOptions
-from pipeline.job.progress import ProgressTotal, progress_line, total_text
+from pipeline.job.progress import progress_line, total_text
 from transforms.progress import ProgressConfig, ProgressCounts, ProgressReporter, read_reports
 
 from conftest import REPO_ROOT, hrnet_beam
@@ -104,7 +104,7 @@ def test_the_demo_job_prints_its_own_lines_only(demo_images, tmp_path):
   assert len(lines) <= 10, lines
   assert not [line for line in lines if NOISE.search(line)], lines
   assert any("7 classes" in line and "models/demo" in line for line in lines)
-  assert any("6 input files" in line for line in lines)
+  assert any("1 input pattern, each matching at least one file" in line for line in lines)
   assert any("broken.png" in line and "truncated" in line for line in lines)  # kept
   assert done.stdout.splitlines()[-1].startswith("hrnet-beam done: 6 inputs, 5 rows, 1 errors")
 
@@ -165,14 +165,20 @@ def test_progress_on_a_terminal_is_one_line_updated_in_place(demo_images, tmp_pa
 
 
 def test_progress_line_says_when_the_total_may_grow():
-  total = ProgressTotal(files=1200, expandable=4)
-  counts = ProgressCounts(done=70, errors=3, tiles=412, found=4, resolved=1)
-  line = progress_line(total, counts, elapsed=100.0)
+  # Two patterns: 1,201 files listed so far, one of them by both; 4 shards, one opened (4
+  # records: 3 found beyond the shard itself), and one more file whose bytes hold 1 more.
+  counts = ProgressCounts(done=70, errors=3, tiles=412, found=4, resolved=1, listed=1201,
+                          patterns=1, checked=1201, duplicates=1, expandable=4)
+  line = progress_line(2, counts, elapsed=100.0)
   assert line.startswith("progress: 70/1204+ inputs, 3 errors, 412 tiles, 4.12 tiles/s")
   assert "elapsed 01:40" in line and "ETA 27:00+" in line   # 1134 left at 0.7 inputs/s
+  counts.patterns = 2   # every pattern listed, but 3 shards not yet opened
+  assert total_text(2, counts) == (1204, True)
   counts.resolved = 4
-  assert total_text(total, counts) == (1204, False)
-  assert "1204 inputs" in progress_line(total, counts, 100.0)
+  assert total_text(2, counts) == (1204, False)
+  assert "1204 inputs" in progress_line(2, counts, 100.0)
+  counts.listed += 10   # listed, not yet past the shuffle that drops repeats
+  assert total_text(2, counts) == (1214, True)
 
 
 def test_reporters_of_several_processes_add_up(tmp_path):

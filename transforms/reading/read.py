@@ -16,6 +16,7 @@ from transforms.reading import geotiff as geo
 from transforms.metrics import METRICS_NAMESPACE
 from transforms.progress import ProgressConfig, ProgressReporter
 from transforms.reading.compressed import open_decompressed, read_file
+from transforms.reading.listing import matching_files
 from transforms.reading.shards import (FORMAT_IMAGE, FORMAT_TFRECORD, ShardError,
                                detect_format, tar_samples, tfrecord_examples)
 from transforms.types import EncodedImage, ErrorRecord, ImageRecord, RasterBlock
@@ -251,14 +252,16 @@ class _KeepNewFn(beam.DoFn):
     inputs = list(seen["input"])
     if not inputs:
       return
-    if seen["done"]:
-      self._skipped.inc(len(inputs))
-      # A file skipped whole never reaches the step that would tell how many inputs it is.
-      expandable = sum(1 for i in inputs if isinstance(i, FileMetadata) and
-                       may_expand(i.path, self._config))
-      self._progress.add(done=len(inputs), resolved=min(expandable, 1))
-      return
     first = inputs[0]
+    is_file = isinstance(first, FileMetadata)
+    if is_file:   # a path matched by two patterns is one input
+      self._progress.add(checked=len(inputs), duplicates=len(inputs) - 1)
+    if seen["done"]:
+      self._skipped.inc(1 if is_file else len(inputs))
+      self._progress.add(done=1 if is_file else len(inputs))
+      return
+    if is_file and may_expand(first.path, self._config):
+      self._progress.add(expandable=1)
     yield self._error(first) if isinstance(first, ErrorRecord) else first
     for duplicate in inputs[1:]:
       # The same file matched twice is just one input; records are each an input.
@@ -268,6 +271,27 @@ class _KeepNewFn(beam.DoFn):
         yield self._error(ErrorRecord(
             image_id, duplicate.source, "read",
             "another record of this shard has the same key; only the first is processed"))
+
+
+class _ListFilesFn(beam.DoFn):
+  """A pattern -> the files it matches, streamed as they are listed (one directory entry or
+  one page of objects held at a time), each counted for the progress total."""
+
+  def __init__(self, progress: ProgressConfig):
+    self._progress_config = progress
+    self._progress = None
+
+  def setup(self):
+    self._progress = ProgressReporter(self._progress_config, "list")
+
+  def finish_bundle(self):
+    self._progress.flush()
+
+  def process(self, pattern):
+    for meta in matching_files(pattern):
+      self._progress.add(listed=1)
+      yield meta.path, FileMetadata(meta.path, meta.size_in_bytes)
+    self._progress.add(patterns=1)
 
 
 def _format_of(path: str, config: DecodeConfig) -> str:
@@ -315,9 +339,7 @@ class ReadImages(beam.PTransform):
     files = (
         {"input": (pbegin
                    | "Patterns" >> beam.Create(self._patterns)
-                   | "MatchInputs" >> fileio.MatchAll()
-                   | "KeyInputs" >> beam.Map(lambda meta: (meta.path, FileMetadata(
-                       meta.path, meta.size_in_bytes)))),
+                   | "MatchInputs" >> beam.ParDo(_ListFilesFn(progress))),
          "done": done}
         | "OncePerFile" >> beam.CoGroupByKey()
         | "KeepNewFiles" >> beam.ParDo(_KeepNewFn(config, progress)).with_outputs(
