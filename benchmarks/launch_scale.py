@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks.index_scale import cpu_description
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(REPO, "models", "demo")
 LINKS_PER_FILE = 60_000   # ext4 allows 65,000 hard links to one inode
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
   parser.add_argument("--report", default=None)
   args = parser.parse_args(argv)
   workdir = args.workdir or tempfile.mkdtemp(prefix="hrnet-launch-")
-  report = {"cpu": _cpu(), "local": [], "gcs": None, "skip": None}
+  report = {"cpu": cpu_description(), "local": [], "gcs": None, "skip": None}
   for count in (int(c) for c in args.counts.split(",") if c):
     report["local"].append(measure_local(workdir, count))
     print(json.dumps(report["local"][-1]), flush=True)
@@ -174,16 +176,6 @@ def main(argv=None) -> int:
   for line in failed:
     print("FAILED:", line, file=sys.stderr)
   return 1 if failed else 0
-
-
-def _cpu() -> str:
-  with open("/proc/cpuinfo", encoding="utf-8") as f:
-    text = f.read()
-  name = next(line.split(":", 1)[1].strip() for line in text.splitlines()
-              if line.startswith("model name"))
-  flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
-  wanted = [f for f in flags if f.startswith(("avx", "amx"))]
-  return f"{name}, {os.cpu_count()} vCPU, {' '.join(sorted(wanted))}"
 
 
 if __name__ == "__main__":
