@@ -63,8 +63,8 @@ bench-quick: $(STAMP)
 bench-many: $(STAMP)
 	$(BIN)/python -m benchmarks.many_files --report bench-report-many.json
 
-# Launch at 10,000 / 100,000 / 1,000,000 local files and 100,000 GCS-emulator objects, and
-# --skip_existing over 1,000,000 existing rows (about fifteen minutes; a few GB of disk).
+# Launch at 10,000 / 100,000 / 1,000,000 local files and 100,000 objects in fake-gcs-server,
+# and --skip_existing over 1,000,000 existing rows (about ten minutes; a few GB of disk).
 bench-launch: $(STAMP)
 	$(BIN)/python -m benchmarks.launch_scale --report bench-report-launch.json
 

@@ -63,6 +63,38 @@ def test_gcs_listing_names_what_beam_names(bucket):
   assert first_match(f"{bucket}/images/*.jpg").path == f"{bucket}/images/c.jpg"
 
 
+def test_gcs_listing_follows_pages_as_beam_does(tmp_path):
+  """2,345 objects on a server that pages as GCS does (1,000 a page): the streamed listing
+  follows every page and names what Beam names; the check stops at the first object. In a
+  child process, so the session's emulator and its cached clients stay as they are."""
+  script = textwrap.dedent(f"""
+      import os, sys
+      sys.path.insert(0, 'tests')
+      import gcs
+      server = gcs.PagingEmulator({str(tmp_path / 'root')!r})
+      try:
+        os.environ.update(gcs.client_environment(server.endpoint, {str(tmp_path / 'c.json')!r}))
+        server.create_bucket('paged')
+        server.seed('paged', [f'images/{{i:05d}}.png' for i in range(2345)]
+                    + ['images/sub/x.png', 'other/y.png'])
+        from apache_beam.io.filesystems import FileSystems
+        from transforms.reading.listing import first_match, matching_files
+        for pattern in ('gs://paged/images/*', 'gs://paged/images/**', 'gs://paged/*'):
+          ours = sorted(m.path for m in matching_files(pattern))
+          beam = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+          assert ours == beam, (pattern, len(ours), len(beam))
+          print(pattern, len(ours))
+        print('first', first_match('gs://paged/images/*').path)
+      finally:
+        server.stop()
+  """)
+  out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                           os.path.abspath(__file__))))).stdout.splitlines()
+  assert out == ["gs://paged/images/* 2345", "gs://paged/images/** 2346", "gs://paged/* 0",
+                 "first gs://paged/images/00000.png"], out
+
+
 def test_listing_a_large_directory_holds_one_entry_at_a_time(tmp_path):
   """200,000 names in one directory: counting them through matching_files adds a few MB of
   peak memory, where FileSystems.match's list of every FileMetadata adds tens (child
