@@ -11,7 +11,7 @@ DATUMARO_PIN := datumaro==1.13.12
 DATUMARO_STAMP := $(DATUMARO)/.installed-$(DATUMARO_PIN)
 DEMO := demo-output
 
-.PHONY: venv browser demo test bench bench-quick bench-many bench-launch bench-index clean
+.PHONY: venv browser demo test docs bench bench-quick bench-many bench-launch bench-index clean
 
 $(STAMP): setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ browser:
 test: $(STAMP) $(DATUMARO_STAMP) browser
 	HRNET_BEAM_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q tests
 
+# The manual: reference pages regenerated from the code, then the site, strict, in site/.
+docs: $(STAMP)
+	$(BIN)/python -m pipeline.cli.reference
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 # The full benchmark (HRNetV2-W48; tens of minutes on 2 cores) and its CI smoke version.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --report bench-report.json
@@ -73,4 +78,4 @@ bench-index: $(STAMP)
 	$(BIN)/python -m benchmarks.index_scale --report bench-report-index.json
 
 clean:
-	rm -rf $(VENV) $(DATUMARO) $(DEMO) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(DATUMARO) $(DEMO) site *.egg-info .pytest_cache

@@ -47,6 +47,8 @@ setuptools.setup(
                              "duckdb==1.5.5", "duckdb-extension-spatial==1.5.5",
                              "duckdb-extension-vss==1.5.5", "lancedb==0.40.0",
                              "selenium==4.51.0",
+                             # the manual (make docs; its strict build is a test)
+                             "mkdocs==1.6.1", "mkdocs-material==9.8.1",
                              "geopandas==1.2.0",
                              # Export formats decoded by their own ecosystem's readers
                              # (datumaro, for CVAT, lives in .venv-datumaro: Makefile):

@@ -1,4 +1,5 @@
-"""The demo model evaluated on held-out scenes, as a user runs it: README's evidence.
+"""The demo model evaluated on held-out scenes, as a user runs it: the evidence in
+docs/labeling/evaluate.md.
 
     python -m benchmarks.evaluation_evidence [--count 16] [--side 1024] [--out DIR]
         [--plots docs/]

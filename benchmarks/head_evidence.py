@@ -1,4 +1,4 @@
-"""A new class from 20 labeled scenes: README's fit-head and rank-models evidence.
+"""A new class from 20 labeled scenes: the fit-head and rank-models evidence in docs/labeling.
 
     python -m benchmarks.head_evidence [--side 1024] [--count 20] [--out DIR] [--head logistic]
 

@@ -20,6 +20,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageDraw
 
+from transforms.exports.rows import row_files
 from transforms.reading.decode import decode_image
 
 
@@ -63,7 +64,7 @@ def confidence_overlay(image: np.ndarray, confidence: np.ndarray) -> Image.Image
 
 
 def render(prefix: str, out_dir: str, alpha: float = 0.45, confidence: bool = False) -> list:
-  files = [m.path for m in FileSystems.match([f"{prefix}-*-of-*.parquet"])[0].metadata_list]
+  files = row_files(prefix)
   if not files:
     raise FileNotFoundError(f"no Parquet files at {prefix}-*-of-*.parquet")
   os.makedirs(out_dir, exist_ok=True)

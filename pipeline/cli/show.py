@@ -1,26 +1,33 @@
 """Prints what a job wrote: one line per row, then the errors.
 
-    hrnet-beam show OUTPUT_PREFIX [--errors ERRORS_PREFIX]
+    hrnet-beam show OUTPUT [--errors ERRORS_PREFIX]
 """
 import argparse
 import glob
 import io
 import json
+import os
 import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from transforms.exports.rows import row_files
+
 
 def main(argv=None, prog: str | None = None) -> int:
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-  parser.add_argument("output", help="The job's --output prefix (local path).")
-  parser.add_argument("--errors", default=None, help="Errors prefix; default <output>-errors.")
+  parser.add_argument("output", help="The job's --output: a prefix, or an output directory "
+                                      "(ending in /) whose runs are all shown.")
+  parser.add_argument("--errors", default=None,
+                      help="Errors prefix; default <output>-errors, or <output>/errors for a "
+                           "directory.")
   args = parser.parse_args(argv)
-  files = sorted(glob.glob(f"{args.output}-*-of-*.parquet"))
+  files = row_files(args.output)
   if not files:
-    print(f"no Parquet files at {args.output}-*-of-*.parquet", file=sys.stderr)
+    print(f"no Parquet files at {args.output}-*-of-*.parquet or "
+          f"{args.output.rstrip('/')}/segmentations-*-of-*.parquet", file=sys.stderr)
     return 1
   metadata = pq.read_schema(files[0]).metadata or {}
   names = json.loads(metadata.get(b"hrnet_beam.class_names", b"[]"))
@@ -54,7 +61,9 @@ def main(argv=None, prog: str | None = None) -> int:
                  ", ".join(f"{names[i] if i < len(names) else i} {c:.2f}"
                            for i, c in enumerate(row["class_mean_confidence"]) if c is not None))
       print(line)
-  errors_prefix = args.errors or f"{args.output}-errors"
+  errors_prefix = args.errors or (f"{args.output.rstrip('/')}/errors"
+                                   if args.output.endswith("/") or os.path.isdir(args.output)
+                                   else f"{args.output}-errors")
   for file in sorted(glob.glob(f"{errors_prefix}-*.jsonl")):
     print(f"Errors: {file}")
     with open(file, encoding="utf-8") as f:

@@ -621,8 +621,8 @@ def job_config_from_options(options: HRNetOptions,
   if not labels_lib.fits_model(labels, info.num_classes):
     raise ConfigError(f"the labels ({labels.name}) name {labels.num_classes} classes but "
                       f"model {handle} outputs {info.num_classes}: pass --labels_file with "
-                      f"one class per output ({info.num_classes}; README, 'Class names and "
-                      "colours')")
+                      f"one class per output ({info.num_classes}; docs/models.md, 'Class names "
+                      "and colours')")
   if info.num_classes > 255:
     raise ConfigError(f"model outputs {info.num_classes} classes; masks are 8-bit PNGs "
                       "and hold at most 255")

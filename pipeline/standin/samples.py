@@ -26,7 +26,7 @@ def write_samples(output_dir: str, seed: int = 0) -> list[str]:
     path = os.path.join(output_dir, f"{i}_{kind}.{ext}")
     Image.fromarray(image).save(path, **({"quality": 92} if ext == "jpg" else {}))
     paths.append(path)
-  # The park again under other light and noise: its patches find each other (README).
+  # The park again under other light and noise: its patches find each other (docs/search.md).
   park, _ = generate_scene(*SAMPLES[2][1:3], seed + 502, SAMPLES[2][0])
   path = os.path.join(output_dir, "4_park_relit.png")
   Image.fromarray(relight(park, np.random.default_rng(seed))).save(path)

@@ -1,4 +1,5 @@
-"""README's routing queries, run by DuckDB on a real output of the demo model."""
+"""The manual's routing queries (docs/labeling/confidence.md), run by DuckDB on a real output
+of the demo model."""
 import os
 import re
 
@@ -10,10 +11,10 @@ from pipeline.standin import scenes
 
 
 def _readme_queries() -> list:
-  with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
-    readme = f.read()
-  block = re.search(r"<!-- routing-sql -->\s*```sql\n(.*?)```", readme, re.S)
-  assert block, "README lost its routing queries"
+  with open(os.path.join(REPO_ROOT, "docs", "labeling", "confidence.md"), encoding="utf-8") as f:
+    page = f.read()
+  block = re.search(r"<!-- routing-sql -->\s*```sql\n(.*?)```", page, re.S)
+  assert block, "docs/labeling/confidence.md lost its routing queries"
   return [q.strip() for q in block.group(1).split(";") if q.strip()]
 
 

@@ -14,11 +14,15 @@ from conftest import REPO_ROOT, run_job, save_image, textured_image
 from inputs import png_bytes, upload
 
 def _readme_gpu_command() -> list:
-  with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
-    readme = f.read()
-  block = re.search(r"<!-- dataflow-gpu-command[^>]*-->\s*```bash\n(.*?)```", readme, re.S)
-  assert block, "README lost its marked GPU command"
-  words = shlex.split(block.group(1).replace("\\\n", " "))
+  """The GPU command of README.md, which docs/dataflow.md must show the same."""
+  blocks = []
+  for page in ("README.md", os.path.join("docs", "dataflow.md")):
+    with open(os.path.join(REPO_ROOT, page), encoding="utf-8") as f:
+      block = re.search(r"<!-- dataflow-gpu-command[^>]*-->\s*```bash\n(.*?)```", f.read(), re.S)
+    assert block, f"{page} lost its marked GPU command"
+    blocks.append(block.group(1))
+  assert blocks[0] == blocks[1], "README.md and docs/dataflow.md show different GPU commands"
+  words = shlex.split(blocks[0].replace("\\\n", " "))
   assert words[:2] == [".venv/bin/hrnet-beam", "run"]
   return words[2:]
 

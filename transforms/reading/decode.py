@@ -1,6 +1,6 @@
 """Bytes to RGB pixels, by documented rules; pure functions, no Beam.
 
-Rules (also in README):
+Rules (also in the manual, docs/inputs.md):
 - The result is (H, W, 3) RGB, uint8 for 8-bit sources and uint16 for 16-bit ones;
   the model step scales it to [0, 1] by the dtype's range (255 or 65535).
 - Grayscale is copied to all three channels; palette images are expanded through
