@@ -38,7 +38,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.io.filesystems import FileSystems
 from pipeline.job.graph import build_pipeline
-from pipeline.job.options import HRNetOptions, job_config_from_options
+from pipeline.job.options import HRNetOptions
+from pipeline.job.validate import job_config_from_options
 argv = ['--input', pattern, '--model', sys.argv[4], '--output', output]
 before = peak()
 started = time.monotonic()

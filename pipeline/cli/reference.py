@@ -170,8 +170,9 @@ def _demo_config():
   """The job's config for the demo model with every output on, as `run` would build it."""
   from apache_beam.options.pipeline_options import \
       PipelineOptions  # pylint: disable=import-outside-toplevel
-  from pipeline.job.options import (HRNetOptions,  # pylint: disable=import-outside-toplevel
-                                    job_config_from_options)
+  from pipeline.job.options import HRNetOptions  # pylint: disable=import-outside-toplevel
+  from pipeline.job.validate import \
+      job_config_from_options  # pylint: disable=import-outside-toplevel
   argv = ["--input", os.path.join(DOCS, "demo-overlay.png"), "--model",
           os.path.join(REPO, "models", "demo"), "--output", "out/segmentations",
           "--outputs", "masks,features,confidence", "--polygons_output", "out/polygons",

@@ -19,8 +19,9 @@ from apache_beam.runners.runner import PipelineState
 from pipeline.job.config import JobConfig
 from pipeline.job.graph import build_pipeline
 from pipeline.job.options import (LOCAL_RUNNER_NAMES, HRNetOptions, check_known_flags,
-                                  job_config_from_options, runs_in_this_process)
+                                  runs_in_this_process)
 from pipeline.job.progress import ProgressDisplay, progress_line
+from pipeline.job.validate import job_config_from_options
 from transforms.inference.model import release_preloaded
 from transforms.metrics import METRICS_NAMESPACE
 from transforms.progress import COUNTED_FIELDS, ProgressCounts, metric_name, read_reports

@@ -5,7 +5,8 @@ import sys
 import pytest
 
 from pipeline.job.config import ConfigError
-from pipeline.job.options import HRNetOptions, _thread_pools
+from pipeline.job.options import HRNetOptions
+from pipeline.job.validate import _thread_pools
 
 
 def _options(*flags):
