@@ -11,7 +11,7 @@ DATUMARO_PIN := datumaro==1.13.12
 DATUMARO_STAMP := $(DATUMARO)/.installed-$(DATUMARO_PIN)
 DEMO := demo-output
 
-.PHONY: venv browser demo test docs bench bench-quick bench-many bench-launch bench-index clean
+.PHONY: venv browser demo test docs bench bench-quick bench-many bench-launch bench-index bench-host clean
 
 $(STAMP): setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ bench-many: $(STAMP)
 # and --skip_existing over 1,000,000 existing rows (about ten minutes; a few GB of disk).
 bench-launch: $(STAMP)
 	$(BIN)/python -m benchmarks.launch_scale --report bench-report-launch.json
+
+# The host side of a worker with the model's cost taken out (a few minutes).
+bench-host: $(STAMP)
+	$(BIN)/python -m benchmarks.host_ceiling --report bench-report-host.json
 
 # One million synthetic 720-d vectors indexed under a 4 GB budget (about ten minutes).
 bench-index: $(STAMP)

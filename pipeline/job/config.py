@@ -33,3 +33,4 @@ class JobConfig:
                                         # polygons only and stay out of the Parquet rows
   progress: ProgressConfig = ProgressConfig()
   progress_mode: str = "auto"          # auto, bar, lines or off (progress.py)
+  stats_output: str | None = None      # where the per-stage time JSON goes (--stats_output)

@@ -11,6 +11,7 @@ import tempfile
 import time
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (PipelineOptions, StandardOptions,
                                                   TestOptions)
@@ -23,6 +24,7 @@ from pipeline.job.options import (LOCAL_RUNNER_NAMES, HRNetOptions, check_known_
 from pipeline.job.progress import ProgressDisplay, progress_line
 from pipeline.job.validate import job_config_from_options
 from transforms.inference.model import release_preloaded
+from transforms import timing
 from transforms.metrics import METRICS_NAMESPACE
 from transforms.progress import COUNTED_FIELDS, ProgressCounts, metric_name, read_reports
 
@@ -163,6 +165,7 @@ def _run(options: PipelineOptions, cfg: JobConfig, test_pipeline) -> RunSummary:
   if report_dir:
     display = ProgressDisplay(len(cfg.input_patterns), lambda: read_reports(report_dir),
                               cfg.progress_mode, cfg.progress.log_interval_s).start()
+  started = time.monotonic()
   try:
     result = p.run()
     if local or cfg.progress_mode == "off":
@@ -199,7 +202,22 @@ def _run(options: PipelineOptions, cfg: JobConfig, test_pipeline) -> RunSummary:
   if failure:
     logger.error("%s", summary.line(cfg))
   print(summary.line(cfg), flush=True)
+  _report_time(cfg, values, time.monotonic() - started,
+               in_one_process=test_pipeline is None and runs_in_this_process(options))
   return summary
+
+
+def _report_time(cfg: JobConfig, values: dict, wall_seconds: float,
+                 in_one_process: bool) -> None:
+  """Where the job's time went: one line, and the --stats_output JSON if asked for."""
+  document = timing.stats(values, values.get("tiles", 0), wall_seconds, in_one_process)
+  if any(document["stage_seconds"].values()):
+    print(timing.time_line(document), flush=True)
+  document["model_loads"] = len(values.get("model_load_ids", ()))   # distinct model copies
+  if cfg.stats_output:
+    document["run_id"] = cfg.run_id
+    with FileSystems.create(cfg.stats_output) as f:
+      f.write(json.dumps(document, indent=1).encode())
 
 
 def _wait_showing_progress(result, cfg: JobConfig) -> None:

@@ -277,6 +277,11 @@ class HRNetOptions(PipelineOptions):
     groups["runner"].add_argument(
         "--progress_interval", type=float, default=10.0,
         help="Seconds between plain progress lines (also each remote worker's log line).")
+    groups["runner"].add_argument(
+        "--stats_output", default=None,
+        help="Also write where the job's time went, per stage (seconds and ms per tile), "
+             "as JSON to this path (local or gs://); the same figures end the job's output "
+             "in one line and are Beam metrics stage_us_<stage>.")
 
 
 def _beam_option_classes() -> list:

@@ -187,6 +187,8 @@ def _outputs(options: HRNetOptions) -> _Outputs:
   outputs_lib.check_writable(errors, run_id)
   if options.mask_geotiff_dir:
     outputs_lib.check_writable(options.mask_geotiff_dir.rstrip("/") + "/mask", run_id)
+  if options.stats_output:
+    outputs_lib.check_writable(options.stats_output, run_id)
   store_confidence = OUTPUT_CONFIDENCE in computed
   if polygons_output:   # polygons carry their mean confidence: maps are computed
     computed = tuple(o for o in (OUTPUT_MASKS, OUTPUT_FEATURES, OUTPUT_CONFIDENCE)
@@ -279,4 +281,5 @@ def job_config_from_options(options: HRNetOptions,
       max_error_fraction=options.max_error_fraction, mask_geotiff_dir=out.mask_geotiff_dir,
       polygons_output=out.polygons_output, polygons=out.polygons,
       store_confidence=out.store_confidence, patch_output=out.patch_output,
-      progress=runner.progress, progress_mode=options.progress)
+      progress=runner.progress, progress_mode=options.progress,
+      stats_output=options.stats_output)

@@ -10,6 +10,7 @@ from shapely.geometry import Polygon
 
 from transforms.embeddings.patches import class_fractions, merge_patch_parts
 from transforms.metrics import METRICS_NAMESPACE
+from transforms.timing import StageClock, timed_iter
 from transforms.polygons.polygonize import crs_key, raster_transform
 from transforms.types import PatchEmbedding, PatchPart, Segmentation
 
@@ -48,10 +49,14 @@ class _PatchesFn(beam.DoFn):
   block edge go out tagged 'seam', keyed by (raster, row, column)."""
 
   def __init__(self, class_names: tuple):
+    self._clock = StageClock("patches")
     self._class_names = tuple(class_names)
     self._patches = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "patches")
 
   def process(self, row: Segmentation):
+    yield from timed_iter(self._clock, self._process(row))
+
+  def _process(self, row: Segmentation):
     if not row.patches:
       return
     blocked = row.block_y is not None
@@ -70,10 +75,14 @@ class _MergePatchesFn(beam.DoFn):
   """((raster, row, column), [(part, context, model)]) -> one PatchEmbedding."""
 
   def __init__(self, class_names: tuple):
+    self._clock = StageClock("patches")
     self._class_names = tuple(class_names)
     self._patches = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "patches")
 
   def process(self, element):
+    yield from timed_iter(self._clock, self._process(element))
+
+  def _process(self, element):
     _, values = element
     values = sorted(values, key=lambda v: v[0].box)
     # The first block (in raster order) speaks for the raster, as for polygons.

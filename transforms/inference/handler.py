@@ -19,6 +19,7 @@ from transforms.inference.confidence import QA_SUMS
 from transforms.inference.loaded import LoadedModel, TileOutputs
 from transforms.inference.model import FEATURE_STRIDE, load_hrnet
 from transforms.metrics import METRICS_NAMESPACE
+from transforms.timing import StageClock
 from transforms.tiling.channels import map_channels, to_unit_float
 from transforms.tiling.grid import cell_weight_map, own_box_in_tile
 from transforms.types import NODATA_CLASS, Tile, TileResult
@@ -76,14 +77,16 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedModel]):
           "oom_backoffs": beam.metrics.Metrics.counter(METRICS_NAMESPACE, "oom_backoffs"),
           "inferred": beam.metrics.Metrics.counter(METRICS_NAMESPACE, "tiles_inferred"),
           "nodata": beam.metrics.Metrics.counter(METRICS_NAMESPACE, "tiles_nodata_skipped"),
-          "load_ids": beam.metrics.Metrics.string_set(METRICS_NAMESPACE, "model_load_ids")}
+          "load_ids": beam.metrics.Metrics.string_set(METRICS_NAMESPACE, "model_load_ids"),
+          "tile_outputs": StageClock("tile_outputs"), "model": StageClock("model")}
     return self._metrics
 
   def run_inference(self, batch: Sequence[Tile], model: LoadedModel,
                     inference_args: Optional[dict[str, Any]] = None) -> Iterable[TileResult]:
     counters = self._counters()
     counters["load_ids"].add(model.load_id())
-    results = self._infer_or_split(list(batch), model)
+    with counters["tile_outputs"]:   # the model's calls inside are counted apart
+      results = self._infer_or_split(list(batch), model)
     counters["tiles_failed"].inc(sum(1 for r in results if r.error is not None))
     return results
 
@@ -153,12 +156,13 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedModel]):
         weights[slot] = cell_weight_map(boxes[i], FEATURE_STRIDE, cells, tiles[i].valid)
         y0, y1, x0, x1 = boxes[i]
         pixel_weights[slot, y0:y1, x0:x1] = 1 if valid_own[i] is None else valid_own[i]
-      outputs = model.infer_tiles(images, self._inference.want_masks,
-                                  self._inference.want_features, weights, pixel_weights,
-                                  self._inference.confidence_threshold,
-                                  self._inference.ignore_below,
-                                  self._inference.augmentation,
-                                  self._inference.want_confidence, patch_weights)
+      with self._counters()["model"]:
+        outputs = model.infer_tiles(images, self._inference.want_masks,
+                                    self._inference.want_features, weights, pixel_weights,
+                                    self._inference.confidence_threshold,
+                                    self._inference.ignore_below,
+                                    self._inference.augmentation,
+                                    self._inference.want_confidence, patch_weights)
       if patch_size:
         patch_counts = patch_weights.sum(axis=(2, 3))
     counters = self._counters()

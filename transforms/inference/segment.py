@@ -16,6 +16,7 @@ from transforms.embeddings.patches import add_patch_sums, class_fractions, image
 from transforms.inference.confidence import image_qa
 from transforms.inference.handler import HRNetModelHandler
 from transforms.metrics import METRICS_NAMESPACE
+from transforms.timing import StageClock, timed_iter
 from transforms.progress import ProgressConfig, ProgressReporter
 from transforms.types import NODATA_CLASS
 from transforms.tiling.grid import cut_tile, cut_valid, stitch_mask, tile_grid
@@ -92,10 +93,14 @@ class _TileFn(beam.DoFn):
   """ImageRecord -> its Tiles, all of one shape (the handler stacks tiles by shape)."""
 
   def __init__(self, config: TilingConfig):
+    self._clock = StageClock("tiling")
     self._config = config
     self._tiles = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "tiles")
 
   def process(self, record: ImageRecord):
+    yield from timed_iter(self._clock, self._process(record))
+
+  def _process(self, record: ImageRecord):
     height, width = record.pixels.shape[:2]
     specs = tile_grid(height, width, self._config.tile_size, self._config.tile_overlap,
                       fit=self._config.grid == GRID_FIT)
@@ -122,6 +127,7 @@ class _StitchFn(beam.DoFn):
     self._progress_config = progress
     self._rows = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "rows")
     self._errors = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "inference_errors")
+    self._clock = StageClock("stitch")
     self._pending = {}
     self._progress = None
     self._budget = None
@@ -138,7 +144,8 @@ class _StitchFn(beam.DoFn):
     parts[result.spec.index] = result
     if len(parts) == result.image.num_tiles:
       del self._pending[result.image.image_id]
-      output = self._finish(result.image, list(parts.values()))
+      with self._clock:
+        output = self._finish(result.image, list(parts.values()))
       self._budget.record(failed=isinstance(output, beam.pvalue.TaggedOutput))
       yield output
 

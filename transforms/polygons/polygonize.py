@@ -12,6 +12,7 @@ import numpy as np
 
 from transforms.config import PolygonConfig
 from transforms.metrics import METRICS_NAMESPACE
+from transforms.timing import StageClock, timed_iter
 from transforms.polygons.vectorize import finish, merge_parts, metres_per_unit, polygonize
 from transforms.types import PolygonFeature, PolygonPart, Segmentation
 
@@ -71,12 +72,16 @@ class _PolygonizeFn(beam.DoFn):
   keeps its Parquet row: the failure is logged and counted (polygons_failed)."""
 
   def __init__(self, config: PolygonConfig, class_names: tuple):
+    self._clock = StageClock("polygons")
     self._config = config
     self._class_names = tuple(class_names)
     self._polygons = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "polygons")
     self._failed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "polygons_failed")
 
   def process(self, row: Segmentation):
+    yield from timed_iter(self._clock, self._process(row))
+
+  def _process(self, row: Segmentation):
     if row.mask_png is None:
       return
     try:
@@ -111,12 +116,16 @@ class _MergeSeamsFn(beam.DoFn):
   """((raster, class), [(part, context)]) -> the merged regions as PolygonFeatures."""
 
   def __init__(self, config: PolygonConfig, class_names: tuple):
+    self._clock = StageClock("polygons")
     self._config = config
     self._class_names = tuple(class_names)
     self._polygons = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "polygons")
     self._failed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "polygons_failed")
 
   def process(self, element):
+    yield from timed_iter(self._clock, self._process(element))
+
+  def _process(self, element):
     (source, _), values = element
     values = list(values)
     # Blocks' transforms differ from the raster's in their last bits at most: the

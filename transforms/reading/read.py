@@ -14,6 +14,7 @@ from transforms.config import DecodeConfig
 from transforms.reading.decode import DecodeError, decode_raster, read_block
 from transforms.reading import geotiff as geo
 from transforms.metrics import METRICS_NAMESPACE
+from transforms.timing import StageClock, timed_iter
 from transforms.progress import ProgressConfig, ProgressReporter
 from transforms.reading.compressed import open_decompressed, read_file
 from transforms.reading.listing import matching_files
@@ -40,6 +41,7 @@ class _DecodeFn(beam.DoFn):
   """ReadableFile or EncodedImage -> ImageRecord, or an ErrorRecord on the errors output."""
 
   def __init__(self, config: DecodeConfig, progress: ProgressConfig):
+    self._clock = StageClock("read")
     self._config = config
     self._progress_config = progress
     self._inputs = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "inputs")
@@ -59,6 +61,9 @@ class _DecodeFn(beam.DoFn):
                          ErrorRecord(image_id, source, stage, reason))
 
   def process(self, element):
+    yield from timed_iter(self._clock, self._process(element))
+
+  def _process(self, element):
     self._inputs.inc()
     if isinstance(element, RasterBlock):
       yield from self._read_block(element)
@@ -127,6 +132,7 @@ class _PlanRastersFn(beam.DoFn):
   """
 
   def __init__(self, config: DecodeConfig, progress: ProgressConfig):
+    self._clock = StageClock("read")
     self._config = config
     self._progress_config = progress
     self._rasters = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "windowed_rasters")
@@ -139,6 +145,9 @@ class _PlanRastersFn(beam.DoFn):
     self._progress.flush()
 
   def process(self, meta):
+    yield from timed_iter(self._clock, self._process(meta))
+
+  def _process(self, meta):
     if not meta.path.lower().endswith(_TIFF_EXTENSIONS):
       yield meta
       return
@@ -172,6 +181,7 @@ class _ShardRecordsFn(beam.DoFn):
   like records so that a rerun skips them too; _KeepNewFn counts and reports them."""
 
   def __init__(self, config: DecodeConfig, progress: ProgressConfig):
+    self._clock = StageClock("read")
     self._config = config
     self._progress_config = progress
     self._records = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "shard_records")
@@ -188,6 +198,9 @@ class _ShardRecordsFn(beam.DoFn):
     return image_id, ErrorRecord(image_id, shard, "read", reason)
 
   def process(self, readable_file):
+    yield from timed_iter(self._clock, self._process(readable_file))
+
+  def _process(self, readable_file):
     shard = readable_file.metadata.path
     shard_format = _format_of(shard, self._config)
     count = 0

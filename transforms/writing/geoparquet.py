@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 
+from transforms.timing import StageClock
 from transforms.config import PolygonConfig
 from transforms.polygons.polygonize import PIXELS
 from transforms.types import PolygonFeature
@@ -133,6 +134,7 @@ class _GeoParquetSink(fileio.FileSink):
     self._fh = None
     self._writer = None
     self._rows: list = []
+    self._clock = StageClock("write")
 
   def create_metadata(self, destination, full_file_name):
     return fileio.FileMetadata(mime_type="application/vnd.apache.parquet",
@@ -142,6 +144,10 @@ class _GeoParquetSink(fileio.FileSink):
     self._fh, self._writer, self._rows = fh, None, []
 
   def write(self, record: PolygonFeature):
+    with self._clock:
+      self._write(record)
+
+  def _write(self, record: PolygonFeature):
     if self._writer is None:
       # `geo` goes in the Arrow schema's metadata, which is what GeoPandas and DuckDB read.
       schema = self._schema.with_metadata({
@@ -165,8 +171,9 @@ class _GeoParquetSink(fileio.FileSink):
   def flush(self):
     if self._writer is None:
       return
-    self._write_rows()
-    self._writer.close()
+    with self._clock:
+      self._write_rows()
+      self._writer.close()
     self._writer = None
 
 

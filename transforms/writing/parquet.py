@@ -9,6 +9,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.parquetio import WriteToParquet
 
+from transforms.timing import StageClock
 from transforms.config import InferenceConfig, ModelConfig, TilingConfig
 from transforms.inference.confidence import IGNORE_VALUE, PROBABILITIES
 from transforms.types import NODATA_CLASS
@@ -141,6 +142,19 @@ def segmentation_schema(model: ModelConfig, tiling: TilingConfig,
   return pa.schema(fields, metadata=metadata)
 
 
+class _RowDictFn(beam.DoFn):
+  """Segmentation -> its columns' values, timed as the write stage (Beam's Parquet sink
+  itself runs after it and is not in the figure)."""
+
+  def __init__(self):
+    self._clock = StageClock("write")
+
+  def process(self, row):
+    with self._clock:
+      values = row_dict(row)
+    yield values
+
+
 class WriteSegmentations(beam.PTransform):
   """PCollection[Segmentation] -> Parquet files `<prefix>-SSSSS-of-NNNNN.parquet`.
 
@@ -157,7 +171,7 @@ class WriteSegmentations(beam.PTransform):
   def expand(self, rows):
     return (
         rows
-        | "AsDicts" >> beam.Map(row_dict)
+        | "AsDicts" >> beam.ParDo(_RowDictFn())
         # Rows carry mask PNGs of up to a few MB: small record batches bound the memory.
         | "WriteParquet" >> WriteToParquet(self._prefix, self._schema, record_batch_size=4,
                                            row_group_buffer_size=32 << 20,

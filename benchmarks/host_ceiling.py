@@ -1,0 +1,156 @@
+"""Benchmark: the host side of a worker, with the model's cost taken out (issue 28).
+
+    python -m benchmarks.host_ceiling [--scenes 16] [--size 1024] [--report r.json]
+
+On a GPU worker the model is fast and the host's own work (decode, tiling, stitching,
+PNG, QA, polygons, patches, writing) decides the speed. This measures that work on this
+CPU: the whole job (`hrnet-beam run`, a child process per measure) on a *benchmark
+device*, a SavedModel built here whose own compute is next to nothing (a 5x5 box blur,
+quadratic colour terms and 1x1 convolutions) but whose outputs look like a real model's:
+its classifier is fitted to the demo model's masks on the same kind of scenes, and its
+features have W48's 720 channels at 1/4 resolution. It goes through the real loading
+code and engine; it is never a user engine.
+
+Reported (bench-report-host.json): host tiles/s per process at the default outputs and
+with confidence, polygons and patches (1000 / the ms a tile spends outside the model's
+calls, from the job's own per-stage times: what a process could feed a free model), the
+end-to-end rates with the device, ms per tile per stage, the scaling from one to two worker processes,
+the model loads counted in the two-process job, and how close the device's masks are to
+the demo model's (pixel agreement, polygons per image).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+from benchmarks.index_scale import cpu_description
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "models", "demo")
+FEATURES = 720
+
+
+def _quadratic(rgb):
+  """[r, g, b, r^2, g^2, b^2, rg, rb, gb, 1] per pixel (numpy or TensorFlow arrays)."""
+  r, g, b = rgb[..., 0:1], rgb[..., 1:2], rgb[..., 2:3]
+  one = r * 0 + 1
+  parts = [r, g, b, r * r, g * g, b * b, r * g, r * b, g * b, one]
+  return np.concatenate(parts, -1) if isinstance(rgb, np.ndarray) else parts
+
+
+def _blur(images):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return tf.nn.avg_pool2d(images, 5, 1, "SAME")
+
+
+def fit_device(scene_dir: str, out_dir: str) -> dict:
+  """Fits the device's classifier to the demo model's masks and exports it."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from pipeline.standin.hrnet import export_saved_model  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  demo = tf.saved_model.load(DEMO)
+  xs, ys = [], []
+  names = sorted(f for f in os.listdir(scene_dir) if f.endswith(".png") and ".labels" not in f)
+  for name in names[:4]:
+    image = np.asarray(Image.open(os.path.join(scene_dir, name)).convert("RGB"),
+                       np.float32)[None] / 255
+    mask = np.argmax(demo.predict(tf.constant(image)).numpy()[0], -1)
+    blurred = _blur(tf.constant(image)).numpy()[0]
+    xs.append(_quadratic(blurred)[::3, ::3].reshape(-1, 10))
+    ys.append(mask[::3, ::3].reshape(-1))
+  x, y = np.concatenate(xs), np.concatenate(ys)
+  classes = 7
+  target = np.eye(classes, dtype=np.float32)[y] * 8 - 4     # logits-like targets
+  weights = np.linalg.lstsq(x, target, rcond=None)[0].astype(np.float32)
+  agreement = float(np.mean(np.argmax(x @ weights, -1) == y))
+  rng = np.random.default_rng(0)
+  class_weights = tf.Variable(weights)
+  feature_weights = tf.Variable(rng.normal(0, 0.5, (3, FEATURES)).astype(np.float32))
+
+  def predict_and_features(images):
+    blurred = _blur(images)
+    logits = tf.einsum("bhwc,ck->bhwk", tf.concat(_quadratic(blurred), -1), class_weights)
+    pooled = tf.nn.avg_pool2d(images, 4, 4, "VALID")
+    return logits, tf.nn.relu(tf.einsum("bhwc,ck->bhwk", pooled, feature_weights))
+
+  with open(os.path.join(DEMO, "labels.json"), encoding="utf-8") as f:
+    labels = json.load(f)
+  labels["note"] = ("benchmark device (benchmarks/host_ceiling.py): a colour classifier "
+                    "fitted to the demo model's masks; not a model to use")
+  export_saved_model(predict_and_features, [class_weights, feature_weights], out_dir,
+                     labels=labels)
+  return {"fitted_pixel_agreement_with_demo": round(agreement, 4)}
+
+
+def _run(args: list, workdir: str, name: str) -> dict:
+  stats = os.path.join(workdir, f"{name}.json")
+  command = [os.path.join(os.path.dirname(sys.executable), "hrnet-beam"), "run",
+             "--progress", "off", "--stats_output", stats] + args
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+  if done.returncode:
+    raise RuntimeError(f"{name}: {done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+  with open(stats, encoding="utf-8") as f:
+    document = json.load(f)
+  seconds = document["stage_seconds"]
+  tiles = document["tiles"]
+  busy = sum(v for k, v in seconds.items() if k != "other")
+  polygons = next((line for line in done.stdout.splitlines() if "Polygons:" in line), "")
+  outside = document["outside_model_ms_per_tile"]
+  return {"tiles": tiles, "wall_seconds": document["wall_seconds"],
+          "tiles_per_s_end_to_end": round(tiles / document["wall_seconds"], 2),
+          "tiles_per_s_steady_with_device": round(tiles / busy, 2) if busy else None,
+          "host_tiles_per_s": round(1000 / outside, 1) if outside else None,
+          "ms_per_tile": document["ms_per_tile"],
+          "outside_model_ms_per_tile": document["outside_model_ms_per_tile"],
+          "model_loads": document.get("model_loads"),
+          "polygons": int(polygons.split("Polygons: ")[1].split()[0]) if polygons else None}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--scenes", type=int, default=16)
+  parser.add_argument("--size", type=int, default=1024)
+  parser.add_argument("--report", default="bench-report-host.json")
+  parser.add_argument("--workdir", default=None)
+  args = parser.parse_args(argv)
+  from pipeline.standin.scenes import write_scenes  # pylint: disable=import-outside-toplevel
+  workdir = args.workdir or tempfile.mkdtemp(prefix="bench-host-")
+  scenes = os.path.join(workdir, "scenes")
+  write_scenes(scenes, args.scenes, args.size, args.size, 7)
+  device = os.path.join(workdir, "device")
+  report = {"cpu": cpu_description(), "scenes": args.scenes, "size": args.size,
+            "device": fit_device(scenes, device)}
+  images = ["--input", os.path.join(scenes, "scene_*[0-9].png")]
+  base = images + ["--model", device]
+  out = os.path.join(workdir, "out")
+  everything = ["--outputs", "masks,features,confidence", "--polygons_output",
+                f"{out}/polygons", "--patch_output", f"{out}/patches"]
+  two = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
+  report["default"] = _run(base + ["--output", f"{out}/d1"], workdir, "default")
+  report["all"] = _run(base + ["--output", f"{out}/a1"] + everything, workdir, "all")
+  report["default_two_processes"] = _run(base + ["--output", f"{out}/d2"] + two, workdir,
+                                         "default2")
+  report["demo_model_all"] = _run(images + ["--model", DEMO, "--output", f"{out}/demo"]
+                                  + everything, workdir, "demo")
+  # The host's ceiling: tiles a process could feed per second if the model took no time
+  # (its per-tile work outside the model's calls, from the job's own stage times).
+  report["host_tiles_per_s_default"] = report["default"]["host_tiles_per_s"]
+  report["host_tiles_per_s_all"] = report["all"]["host_tiles_per_s"]
+  report["two_process_scaling"] = round(report["default_two_processes"]["tiles_per_s_end_to_end"]
+                                        / report["default"]["tiles_per_s_end_to_end"], 3)
+  report["model_loads_two_processes"] = report["default_two_processes"]["model_loads"]
+  report["polygons_per_image"] = {
+      "device": report["all"]["polygons"] / args.scenes,
+      "demo_model": report["demo_model_all"]["polygons"] / args.scenes}
+  print(json.dumps(report, indent=1))
+  with open(args.report, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
