@@ -40,37 +40,55 @@ def polygonize(mask: np.ndarray, confidence: Optional[np.ndarray], config: Polyg
   polygons. Parts come sorted by (class, first pixel) so output order is reproducible.
   """
   # pylint: disable=import-outside-toplevel
+  import shapely
   from affine import Affine
   from rasterio.features import rasterize, shapes
-  from shapely.geometry import shape
   valid = ~np.isin(mask, ignore_values)
   if not valid.any():
     return []
   mask = denoise(mask, valid, config.denoise_px)
   oy, ox = offset
   to_raster = Affine(1, 0, ox, 0, 1, oy)
-  geometries = [(shape(g), int(v)) for g, v in
-                shapes(mask, mask=valid, connectivity=4, transform=to_raster)]
+  traced = list(shapes(mask, mask=valid, connectivity=4, transform=to_raster))
   # Each region's pixels, to sum its confidence: the polygons burnt back (exact, since
-  # every vertex lies on a pixel corner and GDAL burns pixels by their centres).
-  regions = rasterize(((g, i + 1) for i, (g, _) in enumerate(geometries)),
+  # every vertex lies on a pixel corner and GDAL burns pixels by their centres), from
+  # GDAL's own GeoJSON (no shapely round trip).
+  regions = rasterize(((g, i + 1) for i, (g, _) in enumerate(traced)),
                       out_shape=mask.shape, transform=to_raster, fill=0, dtype="int32")
-  pixel_counts = np.bincount(regions.ravel(), minlength=len(geometries) + 1)
+  pixel_counts = np.bincount(regions.ravel(), minlength=len(traced) + 1)
   confidence_sums = (np.bincount(regions.ravel(), weights=confidence.ravel().astype(np.float64),
-                                 minlength=len(geometries) + 1) / 255.0
+                                 minlength=len(traced) + 1) / 255.0
                      if confidence is not None else None)
+  geometries = polygons_from_geojson([g for g, _ in traced])
+  bounds = shapely.bounds(geometries)
+  wkbs = shapely.to_wkb(geometries)
   height, width = mask.shape
   top, bottom, left, right = seams
   parts = []
-  for i, (geometry, class_id) in enumerate(geometries):
-    x0, y0, x1, y1 = geometry.bounds
+  for i, (_, value) in enumerate(traced):
+    x0, y0, x1, y1 = bounds[i]
     on_seam = ((top and y0 <= oy) or (bottom and y1 >= oy + height)
                or (left and x0 <= ox) or (right and x1 >= ox + width))
     parts.append(PolygonPart(
-        class_id=class_id, geometry_wkb=geometry.wkb, pixels=int(pixel_counts[i + 1]),
+        class_id=int(value), geometry_wkb=wkbs[i], pixels=int(pixel_counts[i + 1]),
         confidence_sum=None if confidence_sums is None else float(confidence_sums[i + 1]),
         on_seam=bool(on_seam)))
   return sorted(parts, key=_order)
+
+
+def polygons_from_geojson(polygons: list) -> np.ndarray:
+  """GeoJSON-like Polygon mappings -> an array of shapely Polygons, built in one call
+  (shapely.from_ragged_array) rather than one Python object graph per polygon."""
+  import shapely  # pylint: disable=import-outside-toplevel
+  if not polygons:
+    return np.empty(0, dtype=object)
+  rings = [np.asarray(ring, dtype=np.float64) for polygon in polygons
+           for ring in polygon["coordinates"]]
+  ring_offsets = np.concatenate([[0], np.cumsum([len(r) for r in rings])])
+  polygon_offsets = np.concatenate(
+      [[0], np.cumsum([len(polygon["coordinates"]) for polygon in polygons])])
+  return shapely.from_ragged_array(shapely.GeometryType.POLYGON, np.concatenate(rings),
+                                   (ring_offsets, polygon_offsets))
 
 
 def _order(part: PolygonPart) -> tuple:
