@@ -106,7 +106,9 @@ def test_the_demo_job_prints_its_own_lines_only(demo_images, tmp_path):
   assert any("7 classes" in line and "models/demo" in line for line in lines)
   assert any("1 input pattern, each matching at least one file" in line for line in lines)
   assert any("broken.png" in line and "truncated" in line for line in lines)  # kept
-  assert done.stdout.splitlines()[-1].startswith("hrnet-beam done: 6 inputs, 5 rows, 1 errors")
+  assert done.stdout.splitlines()[-2].startswith("hrnet-beam done: 6 inputs, 5 rows, 1 errors")
+  last = done.stdout.splitlines()[-1]   # then where the time went
+  assert last.startswith("hrnet-beam time: ") and "model" in last and "outside the model" in last
 
 
 def test_worker_processes_stay_quiet_but_their_warnings_show(demo_images, tmp_path):
@@ -119,7 +121,8 @@ def test_worker_processes_stay_quiet_but_their_warnings_show(demo_images, tmp_pa
   lines = (done.stdout + done.stderr).splitlines()
   assert not [line for line in lines if NOISE.search(line) or "Worker:" in line], lines
   assert "WARNING: Skipping " in done.stderr and "broken.png" in done.stderr
-  assert done.stdout.splitlines()[-1].startswith("hrnet-beam done: 6 inputs, 5 rows, 1 errors")
+  assert done.stdout.splitlines()[-2].startswith("hrnet-beam done: 6 inputs, 5 rows, 1 errors")
+  assert done.stdout.splitlines()[-1].startswith("hrnet-beam time: ")
 
 
 def test_log_level_info_shows_the_libraries_logs(demo_images, tmp_path):
