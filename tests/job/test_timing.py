@@ -48,7 +48,7 @@ def test_a_job_reports_each_stage_as_metrics_a_line_and_json(tmp_path, capsys):
   assert sum(seconds.values()) == pytest.approx(document["wall_seconds"], rel=0.02, abs=0.05)
   assert document["outside_model_ms_per_tile"] == pytest.approx(
       1000 * sum(s for k, s in seconds.items() if k not in ("model", "other"))
-      / document["tiles"], rel=1e-3, abs=0.01)
+      / document["tiles"], rel=0.01, abs=0.5)   # the document's seconds are rounded
   out = capsys.readouterr().out
   line = next(l for l in out.splitlines() if l.startswith("hrnet-beam time: "))
   assert "model" in line and "a tile outside the model" in line
