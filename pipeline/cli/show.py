@@ -6,13 +6,13 @@ import argparse
 import glob
 import io
 import json
-import os
 import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.job.outputs import ERRORS_NAME, is_directory
 from transforms.exports.rows import row_files
 
 
@@ -61,9 +61,8 @@ def main(argv=None, prog: str | None = None) -> int:
                  ", ".join(f"{names[i] if i < len(names) else i} {c:.2f}"
                            for i, c in enumerate(row["class_mean_confidence"]) if c is not None))
       print(line)
-  errors_prefix = args.errors or (f"{args.output.rstrip('/')}/errors"
-                                   if args.output.endswith("/") or os.path.isdir(args.output)
-                                   else f"{args.output}-errors")
+  errors_prefix = args.errors or (f"{args.output.rstrip('/')}/{ERRORS_NAME}"
+                                   if is_directory(args.output) else f"{args.output}-errors")
   for file in sorted(glob.glob(f"{errors_prefix}-*.jsonl")):
     print(f"Errors: {file}")
     with open(file, encoding="utf-8") as f:
