@@ -30,8 +30,9 @@ class Augmentation:
     return ",".join(parts) or "none"
 
 
-def parse(text: str | None) -> Augmentation:
-  """--tta's value -> Augmentation; raises ValueError saying what is wrong."""
+def parse(text: str | None, masks: bool = True) -> Augmentation:
+  """--tta's value -> Augmentation; raises ValueError saying what is wrong. masks: whether
+  the job computes masks, the only output augmentation changes."""
   if not text or text == "none":
     return Augmentation()
   head, _, scales_text = text.partition("scales=")
@@ -48,7 +49,10 @@ def parse(text: str | None) -> Augmentation:
                        ) from e
   if any(not 0 < s <= MAX_SCALE for s in scales):
     raise ValueError(f"--tta {text!r}: scales must be in (0, {MAX_SCALE:g}]")
-  return Augmentation(flip="flip" in words, scales=tuple(sorted(scales)))
+  augmentation = Augmentation(flip="flip" in words, scales=tuple(sorted(scales)))
+  if not masks and augmentation != Augmentation():
+    raise ValueError("--tta changes masks only: add 'masks' to --outputs")
+  return augmentation
 
 
 def scaled_side(side: int, scale: float) -> int:

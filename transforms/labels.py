@@ -123,3 +123,11 @@ def model_labels(handle: str, model_dir: str,
   if os.path.exists(beside):
     return read_labels(beside)
   return labels_for_handle(handle)
+
+
+def labels_for_model(handle: str, model_dir: str, num_classes: int,
+                     labels_file: Optional[str] = None) -> tuple[LabelSet, bool]:
+  """(the labels a model runs with, whether they fit its num_classes outputs): model_labels,
+  else generic names. Raises OSError or ValueError as model_labels does."""
+  labels = model_labels(handle, model_dir, labels_file) or generic_labels(num_classes)
+  return labels, fits_model(labels, num_classes)

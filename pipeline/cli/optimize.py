@@ -53,10 +53,8 @@ def optimize(model: str, precision: str, calibration: list, to: str, tile_size: 
   from transforms.inference.openvino_engine import INT8
   from transforms.tiling.channels import parse_channel_mapping
   source = load_hrnet(model)
-  labels = labels_lib.model_labels(model, source.local_dir, labels_file)
   num_classes, feature_dim, _ = source.probe()
-  if labels is None:
-    labels = labels_lib.generic_labels(num_classes)
+  labels, _ = labels_lib.labels_for_model(model, source.local_dir, num_classes, labels_file)
   mapping = parse_channel_mapping(channel_mapping or labels.channel_mapping or "rgb")
   wanted = (calibration_tiles if precision == INT8 else 0) + holdout_tiles
   tiles = model_tiles(calibration, tile_size, tile_overlap, wanted, mapping)

@@ -26,6 +26,13 @@ def runs_on_this_machine(options: PipelineOptions) -> bool:
   return options.view_as(StandardOptions).runner in LOCAL_RUNNER_NAMES
 
 
+def placement(options) -> tuple[bool, bool]:
+  """(the workers are this machine's processes, the job asks for a GPU)."""
+  service_options = options.get_all_options().get("dataflow_service_options") or []
+  asks_for_gpu = options.require_gpu or any("worker_accelerator" in o for o in service_options)
+  return runs_on_this_machine(options), asks_for_gpu
+
+
 def runs_in_this_process(options: PipelineOptions) -> bool:
   running_mode = options.view_as(DirectOptions).direct_running_mode
   return runs_on_this_machine(options) and running_mode in (None, "in_memory")

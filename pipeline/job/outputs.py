@@ -1,8 +1,9 @@
-"""Where a run's files go: prefixes and run ids, an output directory shared by runs (and
+"""The outputs concern: what the job computes (plan), and where a run's files go: prefixes and run ids, an output directory shared by runs (and
 what earlier runs left there to skip), the extra GeoParquet outputs, and the check that
 each location can be written before anything is launched."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -12,7 +13,8 @@ import uuid
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.job.config import ConfigError
-from transforms.config import OUTPUT_FEATURES, OUTPUT_MASKS, PolygonConfig
+from transforms.augmentation import parse as parse_augmentation
+from transforms.config import OUTPUT_CONFIDENCE, OUTPUT_FEATURES, OUTPUT_MASKS, PolygonConfig
 from transforms.embeddings.patches import MIN_PATCH_SIZE
 
 logger = logging.getLogger(__name__)
@@ -21,11 +23,78 @@ ROWS_NAME = "segmentations"
 ERRORS_NAME = "errors"
 
 
+def _fraction(name: str, value, low_open: bool = True) -> None:
+  if value is not None and not (0 < value <= 1 if low_open else 0 <= value <= 1):
+    raise ConfigError(f"--{name} {value}: use a probability in (0, 1], e.g. 0.9")
+
+
+def _parse_outputs(text: str) -> tuple:
+  outputs = tuple(dict.fromkeys(o.strip() for o in text.split(",") if o.strip()))
+  allowed = (OUTPUT_MASKS, OUTPUT_FEATURES, OUTPUT_CONFIDENCE)
+  if not outputs or any(o not in allowed for o in outputs):
+    raise ConfigError(f"--outputs {text!r}: use one or more of {', '.join(allowed)}, "
+                      "comma-separated")
+  if OUTPUT_CONFIDENCE in outputs and OUTPUT_MASKS not in outputs:
+    raise ConfigError(f"--outputs {text!r}: confidence comes with masks; add 'masks'")
+  return tuple(o for o in allowed if o in outputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputPlan:
+  """What the job computes and where each output goes, every location checked writable."""
+  computed: tuple            # what the model step computes (OUTPUT_*)
+  store_confidence: bool     # False: confidence maps only for the polygons
+  augmentation: object
+  run_id: str
+  rows: str
+  errors: str
+  existing_rows: str | None
+  existing_errors: str | None
+  mask_geotiff_dir: str | None
+  polygons_output: str | None
+  polygons: PolygonConfig
+  patch_output: str | None
+  patch_size: int | None
+
+
+def plan(options) -> OutputPlan:
+  """The outputs concern in one pass: what is computed (--outputs, --tta, thresholds),
+  the run id, and where each output goes, each location checked writable."""
+  computed = _parse_outputs(options.outputs)
+  try:
+    augmentation = parse_augmentation(options.tta, masks=OUTPUT_MASKS in computed)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  _fraction("confidence_threshold", options.confidence_threshold)
+  _fraction("ignore_below", options.ignore_below)
+  if options.ignore_below is not None and OUTPUT_MASKS not in computed:
+    raise ConfigError("--ignore_below needs masks: add 'masks' to --outputs")
+  if options.mask_geotiff_dir and OUTPUT_MASKS not in computed:
+    raise ConfigError("--mask_geotiff_dir needs masks: add 'masks' to --outputs")
+  run_id = _run_id_for(options.run_id)
+  rows, errors, existing_rows, existing_errors = _prefixes(options, run_id)
+  polygons_output, polygons = _polygon_output(options, computed, run_id)
+  patch_output, patch_size = _patch_output(options, computed, run_id)
+  _check_writable(rows, run_id)
+  _check_writable(errors, run_id)
+  if options.mask_geotiff_dir:
+    _check_writable(options.mask_geotiff_dir.rstrip("/") + "/mask", run_id)
+  if options.stats_output:
+    _check_writable(options.stats_output, run_id)
+  store_confidence = OUTPUT_CONFIDENCE in computed
+  if polygons_output:   # polygons carry their mean confidence: maps are computed
+    computed = tuple(o for o in (OUTPUT_MASKS, OUTPUT_FEATURES, OUTPUT_CONFIDENCE)
+                     if o in computed or o == OUTPUT_CONFIDENCE)
+  return OutputPlan(computed, store_confidence, augmentation, run_id, rows, errors,
+                    existing_rows, existing_errors, options.mask_geotiff_dir,
+                    polygons_output, polygons, patch_output, patch_size)
+
+
 def is_directory(output: str) -> bool:
   return output.endswith("/") or ("://" not in output and os.path.isdir(output))
 
 
-def run_id_for(given: str | None) -> str:
+def _run_id_for(given: str | None) -> str:
   if given is None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{uuid.uuid4().hex[:6]}"
@@ -43,7 +112,7 @@ def _earlier(pattern: str) -> str | None:
   return pattern if found else None
 
 
-def prefixes(options, run_id: str) -> tuple[str, str, str | None, str | None]:
+def _prefixes(options, run_id: str) -> tuple[str, str, str | None, str | None]:
   """(rows prefix, errors prefix, patterns of earlier runs' rows and errors, or None)."""
   if not is_directory(options.output):
     if options.skip_existing:
@@ -64,7 +133,7 @@ def prefixes(options, run_id: str) -> tuple[str, str, str | None, str | None]:
   return rows, errors, existing_rows, existing_errors
 
 
-def check_writable(prefix: str, run_id: str) -> None:
+def _check_writable(prefix: str, run_id: str) -> None:
   """Writes and deletes a marker where the output goes: a missing bucket or a missing
   permission then stops the job here, not after hours of work."""
   directory = prefix.rsplit("/", 1)[0] if "/" in prefix else "."
@@ -88,7 +157,7 @@ def check_writable(prefix: str, run_id: str) -> None:
                       f"{type(e).__name__}: {e}") from e
 
 
-def polygon_output(options, outputs: tuple, run_id: str) -> tuple:
+def _polygon_output(options, outputs: tuple, run_id: str) -> tuple:
   """(GeoParquet prefix or None, PolygonConfig), checked."""
   if options.min_polygon_area < 0:
     raise ConfigError(f"--min_polygon_area {options.min_polygon_area}: use pixels >= 0")
@@ -116,11 +185,11 @@ def _extra_output(flag: str, prefix: str, name: str, needs: str, outputs: tuple,
     raise ConfigError(f"--{flag} needs {needs}: add '{needs}' to --outputs")
   if is_directory(prefix):
     prefix = prefix.rstrip("/") + "/" + name
-  check_writable(prefix, run_id)
+  _check_writable(prefix, run_id)
   return prefix
 
 
-def patch_output(options, outputs: tuple, run_id: str) -> tuple:
+def _patch_output(options, outputs: tuple, run_id: str) -> tuple:
   """(GeoParquet prefix or None, patch size or None), checked."""
   if options.patch_size < MIN_PATCH_SIZE:
     raise ConfigError(f"--patch_size {options.patch_size}: use pixels >= {MIN_PATCH_SIZE}")

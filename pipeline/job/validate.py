@@ -10,11 +10,9 @@ import os
 
 from pipeline.job import outputs as outputs_lib
 from pipeline.job.config import ConfigError, JobConfig
-from pipeline.job.options import HRNetOptions, runs_on_this_machine
+from pipeline.job.options import HRNetOptions, placement
 from transforms import labels as labels_lib
-from transforms.augmentation import parse as parse_augmentation
-from transforms.config import (GRID_FIT, OUTPUT_CONFIDENCE, OUTPUT_FEATURES, OUTPUT_MASKS,
-                               DecodeConfig, InferenceConfig, ModelConfig, PolygonConfig,
+from transforms.config import (GRID_FIT, DecodeConfig, InferenceConfig, ModelConfig,
                                TilingConfig)
 from transforms.inference.confidence import MAX_CLASSES_WITH_IGNORE
 from transforms.inference.model import inspect_model
@@ -29,22 +27,6 @@ from transforms.tiling.grid import ALIGNMENT
 def _positive(name: str, value) -> None:
   if value is not None and value < 1:
     raise ConfigError(f"--{name} {value}: must be at least 1")
-
-
-def _fraction(name: str, value, low_open: bool = True) -> None:
-  if value is not None and not (0 < value <= 1 if low_open else 0 <= value <= 1):
-    raise ConfigError(f"--{name} {value}: use a probability in (0, 1], e.g. 0.9")
-
-
-def _parse_outputs(text: str) -> tuple:
-  outputs = tuple(dict.fromkeys(o.strip() for o in text.split(",") if o.strip()))
-  allowed = (OUTPUT_MASKS, OUTPUT_FEATURES, OUTPUT_CONFIDENCE)
-  if not outputs or any(o not in allowed for o in outputs):
-    raise ConfigError(f"--outputs {text!r}: use one or more of {', '.join(allowed)}, "
-                      "comma-separated")
-  if OUTPUT_CONFIDENCE in outputs and OUTPUT_MASKS not in outputs:
-    raise ConfigError(f"--outputs {text!r}: confidence comes with masks; add 'masks'")
-  return tuple(o for o in allowed if o in outputs)
 
 
 def _check_inputs_match(patterns: list[str]) -> None:
@@ -73,11 +55,6 @@ def _thread_pools(options: HRNetOptions) -> tuple:
   return options.tf_intra_op_threads, options.tf_inter_op_threads
 
 
-def _asks_for_gpu(options: HRNetOptions) -> bool:
-  service_options = options.get_all_options().get("dataflow_service_options") or []
-  return options.require_gpu or any("worker_accelerator" in o for o in service_options)
-
-
 def _model_handle(model: str) -> str:
   """--model as a handle: short names resolved; a bare word that is nothing else fails."""
   handle = labels_lib.resolve_model_name(model)
@@ -86,15 +63,6 @@ def _model_handle(model: str) -> str:
     raise ConfigError(f"--model {model!r} is not a short name of the HRNet suite ({names}), "
                       "a TF Hub handle, or an existing SavedModel directory")
   return handle
-
-
-def _resolve_labels(options, handle: str, model_dir: str):
-  try:
-    return labels_lib.model_labels(handle, model_dir, options.labels_file)
-  except (OSError, ValueError) as e:
-    where = (f"--labels_file {options.labels_file}" if options.labels_file else
-             f"{model_dir}/{labels_lib.MODEL_LABELS_FILE}")
-    raise ConfigError(f"{where}: {e}") from e
 
 
 def _check_optimized_shape(info, tiling: TilingConfig) -> None:
@@ -133,7 +101,8 @@ def _runner(options: HRNetOptions) -> _Runner:
   if options.max_error_fraction is not None and not 0 <= options.max_error_fraction < 1:
     raise ConfigError(f"--max_error_fraction {options.max_error_fraction}: use a fraction "
                       "in [0, 1), e.g. 0.05")
-  return _Runner(_thread_pools(options), _asks_for_gpu(options), runs_on_this_machine(options),
+  local, asks_for_gpu = placement(options)
+  return _Runner(_thread_pools(options), asks_for_gpu, local,
                  ProgressConfig(log_interval_s=options.progress_interval))
 
 
@@ -145,57 +114,6 @@ def _tiling(options: HRNetOptions) -> TilingConfig:
     raise ConfigError(f"--tile_overlap {overlap}: use a multiple of {ALIGNMENT} below "
                       f"--tile_size {tile_size} (e.g. 64)")
   return TilingConfig(tile_size, overlap, options.tile_grid or GRID_FIT)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Outputs:
-  computed: tuple            # what the model step computes (OUTPUT_*)
-  store_confidence: bool     # False: confidence maps only for the polygons
-  augmentation: object
-  run_id: str
-  rows: str
-  errors: str
-  existing_rows: str | None
-  existing_errors: str | None
-  mask_geotiff_dir: str | None
-  polygons_output: str | None
-  polygons: PolygonConfig
-  patch_output: str | None
-  patch_size: int | None
-
-
-def _outputs(options: HRNetOptions) -> _Outputs:
-  """What is computed, and where each output goes (each location checked writable)."""
-  computed = _parse_outputs(options.outputs)
-  try:
-    augmentation = parse_augmentation(options.tta)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  if augmentation.passes > 1 and OUTPUT_MASKS not in computed:
-    raise ConfigError("--tta changes masks only: add 'masks' to --outputs")
-  _fraction("confidence_threshold", options.confidence_threshold)
-  _fraction("ignore_below", options.ignore_below)
-  if options.ignore_below is not None and OUTPUT_MASKS not in computed:
-    raise ConfigError("--ignore_below needs masks: add 'masks' to --outputs")
-  if options.mask_geotiff_dir and OUTPUT_MASKS not in computed:
-    raise ConfigError("--mask_geotiff_dir needs masks: add 'masks' to --outputs")
-  run_id = outputs_lib.run_id_for(options.run_id)
-  rows, errors, existing_rows, existing_errors = outputs_lib.prefixes(options, run_id)
-  polygons_output, polygons = outputs_lib.polygon_output(options, computed, run_id)
-  patch_output, patch_size = outputs_lib.patch_output(options, computed, run_id)
-  outputs_lib.check_writable(rows, run_id)
-  outputs_lib.check_writable(errors, run_id)
-  if options.mask_geotiff_dir:
-    outputs_lib.check_writable(options.mask_geotiff_dir.rstrip("/") + "/mask", run_id)
-  if options.stats_output:
-    outputs_lib.check_writable(options.stats_output, run_id)
-  store_confidence = OUTPUT_CONFIDENCE in computed
-  if polygons_output:   # polygons carry their mean confidence: maps are computed
-    computed = tuple(o for o in (OUTPUT_MASKS, OUTPUT_FEATURES, OUTPUT_CONFIDENCE)
-                     if o in computed or o == OUTPUT_CONFIDENCE)
-  return _Outputs(computed, store_confidence, augmentation, run_id, rows, errors,
-                  existing_rows, existing_errors, options.mask_geotiff_dir, polygons_output,
-                  polygons, patch_output, patch_size)
 
 
 def _inputs(options: HRNetOptions) -> DecodeConfig:
@@ -223,10 +141,15 @@ def _model(options: HRNetOptions, tiling: TilingConfig, runner: _Runner,
                          runner.threads if keep_model_for_local_worker else (0, 0))
   except (ModelLoadError, PrecisionUnsupportedError) as e:
     raise ConfigError(str(e)) from e
-  labels = _resolve_labels(options, handle, info.local_dir) or labels_lib.generic_labels(
-      info.num_classes)
-  if not labels_lib.fits_model(labels, info.num_classes):
-    raise ConfigError(f"the labels ({labels.name}) name {labels.num_classes} classes but "
+  try:
+    labels, fits = labels_lib.labels_for_model(handle, info.local_dir, info.num_classes,
+                                               options.labels_file)
+  except (OSError, ValueError) as e:
+    where = (f"--labels_file {options.labels_file}" if options.labels_file else
+             f"{info.local_dir}/{labels_lib.MODEL_LABELS_FILE}")
+    raise ConfigError(f"{where}: {e}") from e
+  if not fits:
+    raise ConfigError(f"the labels ({labels.name}) name {len(labels.class_names)} classes but "
                       f"model {handle} outputs {info.num_classes}: pass --labels_file with "
                       f"one class per output ({info.num_classes}; docs/models.md, 'Class names "
                       "and colours')")
@@ -262,7 +185,7 @@ def job_config_from_options(options: HRNetOptions,
   runner = _runner(options)
   tiling = _tiling(options)
   decode = _inputs(options)    # before _outputs writes its markers: a bad pattern leaves
-  out = _outputs(options)      # nothing behind
+  out = outputs_lib.plan(options)   # nothing behind
   model, model_batch_size = _model(options, tiling, runner, keep_model_for_local_worker)
   inference = InferenceConfig(
       outputs=out.computed, min_batch_size=1,

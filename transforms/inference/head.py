@@ -129,11 +129,25 @@ class HeadSearch:
   reason: str                # what was found, or why the model is called twice
 
 
-def find_head(module: Any, variables: list) -> HeadSearch:
+@dataclasses.dataclass(frozen=True)
+class ModelProbe:
+  scores: np.ndarray             # module.predict of probe_images()
+  search: Optional[HeadSearch]   # None where no head was searched for
+
+
+def probe_module(module: Any, search_head: bool) -> ModelProbe:
+  """One predict call on the probe image: its scores (which tell probabilities from
+  logits) and, when asked, the search for the model's own head among its variables."""
+  images = probe_images()
+  scores = module.predict(images).numpy()
+  search = _find_head(module, model_variables(module), images, scores) if search_head else None
+  return ModelProbe(scores, search)
+
+
+def _find_head(module: Any, variables: list, images: np.ndarray,
+               expected: np.ndarray) -> HeadSearch:
   """Searches `variables` for a head that reproduces module.predict within TOLERANCE."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  images = probe_images()
-  expected = module.predict(images).numpy()
   features = module.get_features(images)
   size = tf.constant(images.shape[1:3])
   feature_dim, num_classes = int(features.shape[-1]), int(expected.shape[-1])

@@ -35,12 +35,14 @@ class LoadedModel:
     self.single_pass: Optional[str] = None   # the one-pass path used; None: two passes
     self.has_fused_function = False
     self.scores_kind = "logits"
-    self._precision = precision   # what really runs (after any fallback)
+    self.runs_at = precision   # the precision that really runs (after any fallback)
+    self.fixed_shape: Optional[tuple] = None   # an optimized model's (B, H, W, C); -1: any
     self._id = uuid.uuid4().hex[:12]
 
+  # Methods for what a shared model's proxy is asked (proxies carry methods only).
   def precision(self) -> str:
-    """The precision that really runs (a method: shared models are proxies of methods)."""
-    return self._precision
+    """The precision that really runs."""
+    return self.runs_at
 
   def load_id(self) -> str:
     """Unique per load: a metric of distinct ids counts the model copies that served."""
@@ -48,4 +50,4 @@ class LoadedModel:
 
   def input_shape(self) -> Optional[tuple]:
     """An optimized model's (B, H, W, C), -1 where any size goes; None for SavedModels."""
-    return None
+    return self.fixed_shape

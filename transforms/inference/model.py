@@ -13,7 +13,7 @@ import numpy as np
 from transforms.inference.devices import prepare_devices
 from transforms.augmentation import Augmentation, scaled_side
 from transforms.inference.confidence import IGNORE_VALUE, LOGITS, scores_kind
-from transforms.inference.head import find_head, model_variables, probe_images
+from transforms.inference.head import probe_module
 from transforms.inference.loaded import LoadedModel, TileOutputs
 from transforms.inference.openvino_engine import (ENGINE_TENSORFLOW,
                                                   OpenVinoHRNet, effective_precision,
@@ -60,13 +60,14 @@ class LoadedHRNet(LoadedModel):
 
     fused = getattr(module, FUSED_FUNCTION, None)
     self.has_fused_function = fused is not None
+    probe = probe_module(module, search_head=fused is None)
     if fused is not None:
       self.single_pass = f"the model's fused function {FUSED_FUNCTION}"
       def scores_and_features(images):
         out = fused(images)
         return out["predictions"], out["features"]
     else:
-      search = find_head(module, model_variables(module))
+      search = probe.search
       if search.head is not None:
         self.single_pass = search.reason
         head = search.head
@@ -107,14 +108,14 @@ class LoadedHRNet(LoadedModel):
     self._masks = tf.function(lambda images: class_ids(module.predict(images)),
                               input_signature=spec)
     self._features = tf.function(module.get_features, input_signature=spec)
-    self._build_tile_functions(tf, scores_and_features)
+    self._build_tile_functions(tf, scores_and_features, probe.scores)
 
-  def _build_tile_functions(self, tf, scores_and_features) -> None:
+  def _build_tile_functions(self, tf, scores_and_features, probe_scores) -> None:
     """The job's model calls: probabilities (softmax only if predict gives logits, averaged
     over the test-time augmentation's passes), then per pixel the class id, confidence and
     pseudo-label, and per tile the QA sums over `pixel_weights` and the features pooled by
     `cell_weights`; only these leave TF. One traced function per augmentation and need."""
-    self.scores_kind = scores_kind(self._module.predict(probe_images()).numpy())
+    self.scores_kind = scores_kind(probe_scores)
     softmax = self.scores_kind == LOGITS
     self._scores_and_features = scores_and_features
     self._softmax = softmax
@@ -356,7 +357,7 @@ def load_hrnet(handle: str, cache_dir: str = DEFAULT_CACHE_DIR, require_gpu: boo
         f"Cannot load model {handle!r}: {type(e).__name__}: {e}. {STAGING_HELP}") from e
   logger.info("Loaded model %s from %s in %.1f s (one backbone pass for masks and features: "
               "%s; precision: %s)", handle, local_dir, time.monotonic() - started,
-              model.single_pass or "no", model.precision())
+              model.single_pass or "no", model.runs_at)
   return model
 
 
@@ -418,4 +419,4 @@ def inspect_model(handle: str, cache_dir: str = DEFAULT_CACHE_DIR,
   if keep_for_local_worker:
     _PRELOADED[(handle, cache_dir, precision, precision_fallback)] = model
   return ModelInfo(num_classes, feature_dim, model.has_fused_function, model.local_dir,
-                   model.scores_kind, model.engine, model.manifest, model.input_shape())
+                   model.scores_kind, model.engine, model.manifest, model.fixed_shape)

@@ -221,14 +221,12 @@ class OpenVinoHRNet(LoadedModel):
     self._threads = threads
     self._shape = tuple(None if d.is_dynamic else d.get_length() for d in list(
         self._ir.input(0).get_partial_shape()))
+    self.fixed_shape = tuple(-1 if d is None else d for d in self._shape)
     self._compiled = {}
     self._buffers = {}   # name -> flat float32 array, grown to the largest call so far
     self._lock = threading.Lock()   # one call at a time: calls from threads take turns
     self._tensorflow = None
     self._make_tensorflow_engine = tensorflow_engine
-
-  def input_shape(self) -> tuple:
-    return tuple(-1 if d is None else d for d in self._shape)
 
   def _requests(self, key: tuple) -> list:
     """The infer requests of one compiled variant: one for the latency hint, as many as
@@ -237,7 +235,7 @@ class OpenVinoHRNet(LoadedModel):
       kind, flag, streams = key
       if kind == "backbone":
         model = backbone_model(self._ir.clone(), flag)
-        config = compile_config(self._precision, self._threads, streams)
+        config = compile_config(self.runs_at, self._threads, streams)
       else:
         model = post_processing_model(self.num_classes, self.feature_dim,
                                       self.scores_kind, flag)
