@@ -224,6 +224,15 @@ class PolygonFeature:
 
 
 @dataclasses.dataclass(frozen=True)
+class PolygonBatch:
+  """The polygons of one row (or of one merged raster class), in one CRS: one Beam
+  element for all of them instead of one each."""
+  crs_key: str
+  crs_wkt: Optional[str]
+  features: tuple                   # PolygonFeature, in output order
+
+
+@dataclasses.dataclass(frozen=True)
 class TruthRef:
   """Where one image's reviewed labels are: a mask file to read, or the mask decoded
   from a labeling tool's file (PNG of ids into the tool's classes, 255 unlabelled)."""

@@ -14,7 +14,7 @@ from transforms.config import PolygonConfig
 from transforms.metrics import METRICS_NAMESPACE
 from transforms.timing import StageClock, timed_iter
 from transforms.polygons.vectorize import finish, merge_parts, metres_per_unit, polygonize
-from transforms.types import PolygonFeature, PolygonPart, Segmentation
+from transforms.types import PolygonBatch, PolygonFeature, PolygonPart, Segmentation
 
 __all__ = ["PolygonizeMasks", "crs_key"]
 
@@ -49,25 +49,29 @@ def _decode_png(data: Optional[bytes]) -> Optional[np.ndarray]:
   return None if data is None else np.asarray(Image.open(io.BytesIO(data)))
 
 
-def _feature(part: PolygonPart, context: tuple, config: PolygonConfig,
-             class_names: tuple) -> Optional[PolygonFeature]:
+def _batch(parts: list[PolygonPart], context: tuple, config: PolygonConfig,
+           class_names: tuple) -> PolygonBatch:
+  """Final parts -> one PolygonBatch of their PolygonFeatures (those that survive)."""
   image_id, source, crs_wkt, crs_epsg, transform = context
-  done = finish(part, config, transform, metres_per_unit(crs_wkt) if transform else None)
-  if done is None:
-    return None
-  geometry, area_m2 = done
-  x0, y0, x1, y1 = geometry.bounds
-  return PolygonFeature(
-      image_id=image_id, source=source, class_id=part.class_id,
-      class_name=class_names[part.class_id], area_px=part.pixels, area_m2=area_m2,
-      mean_confidence=(None if part.confidence_sum is None or not part.pixels
-                       else part.confidence_sum / part.pixels),
-      geometry=geometry.wkb, bbox={"xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1},
-      crs_key=crs_key(crs_wkt, crs_epsg, transform), crs_wkt=crs_wkt)
+  key = crs_key(crs_wkt, crs_epsg, transform)
+  done = finish(parts, config, transform, metres_per_unit(crs_wkt) if transform else None)
+  features = []
+  for part, final in zip(parts, done):
+    if final is None:
+      continue
+    x0, y0, x1, y1 = final.bounds
+    features.append(PolygonFeature(
+        image_id=image_id, source=source, class_id=part.class_id,
+        class_name=class_names[part.class_id], area_px=part.pixels, area_m2=final.area_m2,
+        mean_confidence=(None if part.confidence_sum is None or not part.pixels
+                         else part.confidence_sum / part.pixels),
+        geometry=final.wkb, bbox={"xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1},
+        crs_key=key, crs_wkt=crs_wkt))
+  return PolygonBatch(crs_key=key, crs_wkt=crs_wkt, features=tuple(features))
 
 
 class _PolygonizeFn(beam.DoFn):
-  """Segmentation -> PolygonFeature; parts on a block edge go out tagged 'seam', keyed
+  """Segmentation -> a PolygonBatch of its polygons; parts on a block edge go out tagged 'seam', keyed
   by (raster, class), to be merged with their neighbours'. A row whose polygons fail
   keeps its Parquet row: the failure is logged and counted (polygons_failed)."""
 
@@ -93,27 +97,23 @@ class _PolygonizeFn(beam.DoFn):
           _decode_png(row.mask_png), _decode_png(row.confidence_png), self._config,
           offset=(row.block_y or 0, row.block_x or 0),
           seams=(bool(row.block_y), blocked, bool(row.block_x), blocked))
-      features = []
-      seams = []
-      for part in parts:
-        if part.on_seam:
-          seams.append(((row.source, part.class_id), (part, context)))
-        else:
-          feature = _feature(part, context, self._config, self._class_names)
-          if feature is not None:
-            features.append(feature)
+      seams = [((row.source, part.class_id), (part, context)) for part in parts
+               if part.on_seam]
+      batch = _batch([part for part in parts if not part.on_seam], context, self._config,
+                     self._class_names)
     except Exception as e:  # pylint: disable=broad-except
       self._failed.inc()
       logger.warning("Polygons of %s not written: %s: %s", row.image_id, type(e).__name__, e)
       return
-    self._polygons.inc(len(features))
-    yield from features
+    self._polygons.inc(len(batch.features))
+    if batch.features:
+      yield batch
     for seam in seams:
       yield beam.pvalue.TaggedOutput(_SEAM, seam)
 
 
 class _MergeSeamsFn(beam.DoFn):
-  """((raster, class), [(part, context)]) -> the merged regions as PolygonFeatures."""
+  """((raster, class), [(part, context)]) -> the merged regions as one PolygonBatch."""
 
   def __init__(self, config: PolygonConfig, class_names: tuple):
     self._clock = StageClock("polygons")
@@ -133,19 +133,20 @@ class _MergeSeamsFn(beam.DoFn):
     context = min((c for _, c in values), key=lambda c: (c[4] is None, c[4] or ()))
     try:
       merged = merge_parts([part for part, _ in values])
-      features = [f for f in (_feature(p, context, self._config, self._class_names)
-                              for p in merged) if f is not None]
+      batch = _batch(merged, context, self._config, self._class_names)
     except Exception as e:  # pylint: disable=broad-except
       self._failed.inc()
       logger.warning("Polygons across blocks of %s not merged: %s: %s", source,
                      type(e).__name__, e)
       return
-    self._polygons.inc(len(features))
-    yield from features
+    self._polygons.inc(len(batch.features))
+    if batch.features:
+      yield batch
 
 
 class PolygonizeMasks(beam.PTransform):
-  """PCollection[Segmentation] -> PCollection[PolygonFeature]. Usage:
+  """PCollection[Segmentation] -> PCollection[PolygonBatch], a batch per row (and per
+  merged raster class) rather than an element per polygon. Usage:
       polygons = rows | PolygonizeMasks(PolygonConfig(min_area_px=16), labels.class_names)
   """
 

@@ -65,7 +65,12 @@ def polygonize(mask: np.ndarray, confidence: Optional[np.ndarray], config: Polyg
   height, width = mask.shape
   top, bottom, left, right = seams
   parts = []
-  for i, (_, value) in enumerate(traced):
+  # Sorted by (class, first pixel) from the bounds at hand: Python's sort is stable, so
+  # ties keep GDAL's order as before.
+  order = sorted(range(len(traced)),
+                 key=lambda i: (int(traced[i][1]), bounds[i][1], bounds[i][0]))
+  for i in order:
+    value = traced[i][1]
     x0, y0, x1, y1 = bounds[i]
     on_seam = ((top and y0 <= oy) or (bottom and y1 >= oy + height)
                or (left and x0 <= ox) or (right and x1 >= ox + width))
@@ -73,7 +78,7 @@ def polygonize(mask: np.ndarray, confidence: Optional[np.ndarray], config: Polyg
         class_id=int(value), geometry_wkb=wkbs[i], pixels=int(pixel_counts[i + 1]),
         confidence_sum=None if confidence_sums is None else float(confidence_sums[i + 1]),
         on_seam=bool(on_seam)))
-  return sorted(parts, key=_order)
+  return parts
 
 
 def polygons_from_geojson(polygons: list) -> np.ndarray:
@@ -89,12 +94,6 @@ def polygons_from_geojson(polygons: list) -> np.ndarray:
       [[0], np.cumsum([len(polygon["coordinates"]) for polygon in polygons])])
   return shapely.from_ragged_array(shapely.GeometryType.POLYGON, np.concatenate(rings),
                                    (ring_offsets, polygon_offsets))
-
-
-def _order(part: PolygonPart) -> tuple:
-  from shapely import wkb  # pylint: disable=import-outside-toplevel
-  x0, y0, _, _ = wkb.loads(part.geometry_wkb).bounds
-  return part.class_id, y0, x0
 
 
 def merge_parts(parts: list[PolygonPart]) -> list[PolygonPart]:
@@ -126,6 +125,7 @@ def merge_parts(parts: list[PolygonPart]) -> list[PolygonPart]:
   for i in range(len(parts)):
     groups.setdefault(root(i), []).append(i)
   merged = []
+  keys = []
   for members in groups.values():
     # simplify(0) drops the vertices the blocks' edges left on straight lines.
     union = shapely.union_all([geometries[i] for i in members]).simplify(0)
@@ -140,7 +140,9 @@ def merge_parts(parts: list[PolygonPart]) -> list[PolygonPart]:
           confidence_sum=(None if any(c is None for c in confidences)
                           else sum(confidences) * share),
           on_seam=False))
-  return sorted(merged, key=_order)
+      x0, y0, _, _ = piece.bounds
+      keys.append((merged[-1].class_id, y0, x0))
+  return [merged[i] for i in sorted(range(len(merged)), key=keys.__getitem__)]
 
 
 def _polygons(geometry) -> list:
@@ -169,29 +171,47 @@ def metres_per_unit(crs_wkt: Optional[str]) -> Optional[float]:
   return float(factor) if factor and math.isfinite(factor) else None
 
 
-def finish(part: PolygonPart, config: PolygonConfig, transform: Optional[tuple],
-           metres: Optional[float]):
-  """A final part -> (shapely polygon in map coordinates, or in pixels without a
-  transform; area in square metres or None), after simplification. None when the
-  part is below --min_polygon_area or simplifies to nothing."""
-  # pylint: disable=import-outside-toplevel
-  from shapely import affinity, make_valid, wkb
-  if part.pixels < config.min_area_px:
-    return None
-  geometry = wkb.loads(part.geometry_wkb)
+@dataclasses.dataclass(frozen=True)
+class Finished:
+  """A final polygon: WKB in map coordinates (pixels without a transform), its bounds,
+  and its area in square metres (None without a projected CRS)."""
+  wkb: bytes
+  bounds: tuple
+  area_m2: Optional[float]
+
+
+def finish(parts: list[PolygonPart], config: PolygonConfig, transform: Optional[tuple],
+           metres: Optional[float]) -> list[Optional[Finished]]:
+  """Final parts -> one Finished per part, after simplification, or None where the part
+  is below --min_polygon_area or simplifies to nothing. Built over the whole array with
+  shapely's vectorised functions; only an invalid polygon is repaired on its own."""
+  import shapely  # pylint: disable=import-outside-toplevel
+  results: list = [None] * len(parts)
+  keep = [i for i, p in enumerate(parts) if p.pixels >= config.min_area_px]
+  if not keep:
+    return results
+  geometries = shapely.from_wkb([parts[i].geometry_wkb for i in keep])
   if config.simplify_px > 0:
-    geometry = geometry.simplify(config.simplify_px, preserve_topology=True)
-  if not geometry.is_valid:
-    pieces = _polygons(make_valid(geometry))
-    if not pieces:
-      return None
-    geometry = max(pieces, key=lambda g: g.area)
-  if geometry.is_empty:
-    return None
-  area_m2 = None
+    geometries = shapely.simplify(geometries, config.simplify_px, preserve_topology=True)
+  for j in np.flatnonzero(~shapely.is_valid(geometries)):
+    pieces = _polygons(shapely.make_valid(geometries[j]))
+    geometries[j] = max(pieces, key=lambda g: g.area) if pieces else None
+  alive = np.array([g is not None for g in geometries], bool)
+  alive[alive] = ~shapely.is_empty(geometries[alive])
+  keep = [i for i, a in zip(keep, alive) if a]
+  geometries = geometries[alive]
+  pixel_m2 = None
   if transform is not None:
     a, b, c, d, e, f = transform[:6]
-    geometry = affinity.affine_transform(geometry, [a, b, d, e, c, f])
+    # x' = a x + b y + c, y' = d x + e y + f: element by element, as one polygon at a time.
+    geometries = shapely.transform(
+        geometries, lambda xy: np.stack([a * xy[:, 0] + b * xy[:, 1] + c,
+                                         d * xy[:, 0] + e * xy[:, 1] + f]).T)
     if metres is not None:
-      area_m2 = part.pixels * pixel_area(transform) * metres * metres
-  return geometry, area_m2
+      pixel_m2 = pixel_area(transform), metres
+  wkbs = shapely.to_wkb(geometries)
+  bounds = shapely.bounds(geometries).tolist()
+  for j, i in enumerate(keep):
+    results[i] = Finished(wkbs[j], tuple(bounds[j]), None if pixel_m2 is None else
+                          parts[i].pixels * pixel_m2[0] * pixel_m2[1] * pixel_m2[1])
+  return results

@@ -20,7 +20,6 @@ from apache_beam.io.filesystem import CompressionTypes
 from transforms.timing import StageClock
 from transforms.config import PolygonConfig
 from transforms.polygons.polygonize import PIXELS
-from transforms.types import PolygonFeature
 from transforms.writing.parquet import fractions_type, vector_field
 
 __all__ = ["WritePatches", "WritePolygons", "patch_schema", "polygon_schema", "geo_metadata"]
@@ -143,11 +142,12 @@ class _GeoParquetSink(fileio.FileSink):
   def open(self, fh):
     self._fh, self._writer, self._rows = fh, None, []
 
-  def write(self, record: PolygonFeature):
+  def write(self, record):
     with self._clock:
       self._write(record)
 
-  def _write(self, record: PolygonFeature):
+  def _write(self, record):
+    """record: a PatchEmbedding, a PolygonFeature or a PolygonBatch of them."""
     if self._writer is None:
       # `geo` goes in the Arrow schema's metadata, which is what GeoPandas and DuckDB read.
       schema = self._schema.with_metadata({
@@ -157,9 +157,11 @@ class _GeoParquetSink(fileio.FileSink):
       self._schema = schema
       self._writer = pq.ParquetWriter(pa.PythonFile(self._fh, mode="w"), schema,
                                       compression="zstd")
-    self._rows.append(record)
-    if len(self._rows) >= ROW_GROUP_ROWS:
-      self._write_rows()
+    # A PolygonBatch brings many rows; row groups break where they did one row at a time.
+    for row in getattr(record, "features", (record,)):
+      self._rows.append(row)
+      if len(self._rows) >= ROW_GROUP_ROWS:
+        self._write_rows()
 
   def _write_rows(self):
     if self._rows:
@@ -214,7 +216,7 @@ class WritePatches(beam.PTransform):
 
 
 class WritePolygons(beam.PTransform):
-  """PCollection[PolygonFeature] -> GeoParquet files, one set per CRS. The run id in
+  """PCollection[PolygonBatch] -> GeoParquet files, one set per CRS. The run id in
   each name keeps earlier runs' files (--skip_existing) beside this run's. Usage:
       polygons | WritePolygons("out/polygons", run_id, handle, class_names, config)
   """
