@@ -71,8 +71,8 @@ def _batch(parts: list[PolygonPart], context: tuple, config: PolygonConfig,
 
 
 class _PolygonizeFn(beam.DoFn):
-  """Segmentation -> a PolygonBatch of its polygons; parts on a block edge go out tagged 'seam', keyed
-  by (raster, class), to be merged with their neighbours'. A row whose polygons fail
+  """Segmentation -> a PolygonBatch of its polygons; parts on a block edge go out
+  tagged 'seam', keyed by (raster, class), to be merged with their neighbours'. A row whose polygons fail
   keeps its Parquet row: the failure is logged and counted (polygons_failed)."""
 
   def __init__(self, config: PolygonConfig, class_names: tuple):

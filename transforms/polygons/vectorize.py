@@ -196,11 +196,10 @@ def finish(parts: list[PolygonPart], config: PolygonConfig, transform: Optional[
   for j in np.flatnonzero(~shapely.is_valid(geometries)):
     pieces = _polygons(shapely.make_valid(geometries[j]))
     geometries[j] = max(pieces, key=lambda g: g.area) if pieces else None
-  alive = np.array([g is not None for g in geometries], bool)
-  alive[alive] = ~shapely.is_empty(geometries[alive])
+  alive = ~(shapely.is_missing(geometries) | shapely.is_empty(geometries))
   keep = [i for i, a in zip(keep, alive) if a]
   geometries = geometries[alive]
-  pixel_m2 = None
+  unit_area = None    # a pixel's area in CRS units squared, where metres are known
   if transform is not None:
     a, b, c, d, e, f = transform[:6]
     # x' = a x + b y + c, y' = d x + e y + f: element by element, as one polygon at a time.
@@ -208,10 +207,10 @@ def finish(parts: list[PolygonPart], config: PolygonConfig, transform: Optional[
         geometries, lambda xy: np.stack([a * xy[:, 0] + b * xy[:, 1] + c,
                                          d * xy[:, 0] + e * xy[:, 1] + f]).T)
     if metres is not None:
-      pixel_m2 = pixel_area(transform), metres
+      unit_area = pixel_area(transform)
   wkbs = shapely.to_wkb(geometries)
   bounds = shapely.bounds(geometries).tolist()
   for j, i in enumerate(keep):
-    results[i] = Finished(wkbs[j], tuple(bounds[j]), None if pixel_m2 is None else
-                          parts[i].pixels * pixel_m2[0] * pixel_m2[1] * pixel_m2[1])
+    results[i] = Finished(wkbs[j], tuple(bounds[j]), None if unit_area is None else
+                          parts[i].pixels * unit_area * metres * metres)
   return results
