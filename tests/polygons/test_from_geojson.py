@@ -4,7 +4,9 @@ import numpy as np
 from rasterio.features import shapes
 from shapely.geometry import shape
 
-from transforms.polygons.vectorize import polygons_from_geojson
+import shapely
+
+from transforms.polygons.vectorize import ragged_rings
 
 
 def test_one_call_builds_the_same_polygons_as_shape():
@@ -14,7 +16,10 @@ def test_one_call_builds_the_same_polygons_as_shape():
   mask[25:30, 25:30] = 3          # a hole in class 2's region
   traced = list(shapes(mask, connectivity=4))
   assert len(traced) > 100
-  built = polygons_from_geojson([g for g, _ in traced])
+  coords, ring_offsets, polygon_offsets = ragged_rings([g for g, _ in traced])
+  built = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords,
+                                    (ring_offsets, polygon_offsets))
   assert [g.wkb for g in built] == [shape(g).wkb for g, _ in traced]
   assert any(len(list(g.interiors)) for g in built)
-  assert len(polygons_from_geojson([])) == 0
+  coords, ring_offsets, polygon_offsets = ragged_rings([])
+  assert coords.shape == (0, 2) and list(ring_offsets) == list(polygon_offsets) == [0]

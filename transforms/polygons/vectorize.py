@@ -42,7 +42,7 @@ def polygonize(mask: np.ndarray, confidence: Optional[np.ndarray], config: Polyg
   # pylint: disable=import-outside-toplevel
   import shapely
   from affine import Affine
-  from rasterio.features import rasterize, shapes
+  from rasterio.features import shapes
   valid = ~np.isin(mask, ignore_values)
   if not valid.any():
     return []
@@ -50,50 +50,80 @@ def polygonize(mask: np.ndarray, confidence: Optional[np.ndarray], config: Polyg
   oy, ox = offset
   to_raster = Affine(1, 0, ox, 0, 1, oy)
   traced = list(shapes(mask, mask=valid, connectivity=4, transform=to_raster))
-  # Each region's pixels, to sum its confidence: the polygons burnt back (exact, since
-  # every vertex lies on a pixel corner and GDAL burns pixels by their centres), from
-  # GDAL's own GeoJSON (no shapely round trip).
-  regions = rasterize(((g, i + 1) for i, (g, _) in enumerate(traced)),
-                      out_shape=mask.shape, transform=to_raster, fill=0, dtype="int32")
-  pixel_counts = np.bincount(regions.ravel(), minlength=len(traced) + 1)
-  confidence_sums = (np.bincount(regions.ravel(), weights=confidence.ravel().astype(np.float64),
-                                 minlength=len(traced) + 1) / 255.0
+  coords, ring_offsets, polygon_offsets = ragged_rings([g for g, _ in traced])
+  geometries = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords,
+                                         (ring_offsets, polygon_offsets))
+  # Each region's pixels and confidence, from its rings: exact, since every vertex lies
+  # on a pixel corner (what burning the polygons back gave, without the burning).
+  local = coords - (ox, oy)
+  pixel_counts = region_sums(local, ring_offsets, polygon_offsets)
+  confidence_sums = (region_sums(local, ring_offsets, polygon_offsets,
+                                 summed_area_table(confidence)) / 255.0
                      if confidence is not None else None)
-  geometries = polygons_from_geojson([g for g, _ in traced])
   bounds = shapely.bounds(geometries)
   wkbs = shapely.to_wkb(geometries)
+  classes = np.array([int(value) for _, value in traced])
   height, width = mask.shape
   top, bottom, left, right = seams
-  parts = []
-  # Sorted by (class, first pixel) from the bounds at hand: Python's sort is stable, so
-  # ties keep GDAL's order as before.
-  order = sorted(range(len(traced)),
-                 key=lambda i: (int(traced[i][1]), bounds[i][1], bounds[i][0]))
-  for i in order:
-    value = traced[i][1]
-    x0, y0, x1, y1 = bounds[i]
-    on_seam = ((top and y0 <= oy) or (bottom and y1 >= oy + height)
-               or (left and x0 <= ox) or (right and x1 >= ox + width))
-    parts.append(PolygonPart(
-        class_id=int(value), geometry_wkb=wkbs[i], pixels=int(pixel_counts[i + 1]),
-        confidence_sum=None if confidence_sums is None else float(confidence_sums[i + 1]),
-        on_seam=bool(on_seam)))
-  return parts
+  x0, y0, x1, y1 = bounds.T
+  on_seam = (((y0 <= oy) & top) | ((y1 >= oy + height) & bottom)
+             | ((x0 <= ox) & left) | ((x1 >= ox + width) & right))
+  # Sorted by (class, first pixel); lexsort is stable, so ties keep GDAL's order.
+  order = np.lexsort((x0, y0, classes)).tolist()
+  classes, pixel_counts, on_seam = classes.tolist(), pixel_counts.tolist(), on_seam.tolist()
+  sums = None if confidence_sums is None else confidence_sums.tolist()
+  return [PolygonPart(class_id=classes[i], geometry_wkb=wkbs[i], pixels=pixel_counts[i],
+                      confidence_sum=None if sums is None else sums[i], on_seam=on_seam[i])
+          for i in order]
 
 
-def polygons_from_geojson(polygons: list) -> np.ndarray:
-  """GeoJSON-like Polygon mappings -> an array of shapely Polygons, built in one call
-  (shapely.from_ragged_array) rather than one Python object graph per polygon."""
-  import shapely  # pylint: disable=import-outside-toplevel
+def ragged_rings(polygons: list) -> tuple:
+  """GeoJSON-like Polygon mappings -> (coordinates (N, 2) float64, ring offsets, polygon
+  offsets): shapely's ragged-array layout, so all polygons are built in one call
+  (shapely.from_ragged_array) rather than one Python object graph each."""
   if not polygons:
-    return np.empty(0, dtype=object)
+    return np.empty((0, 2)), np.zeros(1, np.int64), np.zeros(1, np.int64)
   rings = [np.asarray(ring, dtype=np.float64) for polygon in polygons
            for ring in polygon["coordinates"]]
   ring_offsets = np.concatenate([[0], np.cumsum([len(r) for r in rings])])
   polygon_offsets = np.concatenate(
       [[0], np.cumsum([len(polygon["coordinates"]) for polygon in polygons])])
-  return shapely.from_ragged_array(shapely.GeometryType.POLYGON, np.concatenate(rings),
-                                   (ring_offsets, polygon_offsets))
+  return np.concatenate(rings), ring_offsets, polygon_offsets
+
+
+def summed_area_table(values: np.ndarray) -> np.ndarray:
+  """(H, W) integers -> (H + 1, W + 1) int64 table: table[y, x] = values[:y, :x].sum()."""
+  table = np.zeros((values.shape[0] + 1, values.shape[1] + 1), np.int64)
+  table[1:, 1:] = values
+  np.cumsum(table, 1, out=table)      # along contiguous rows: fast in place
+  for y in range(2, len(table)):      # down the columns, a row at a time: 2-3x faster
+    np.add(table[y], table[y - 1], out=table[y])    # than cumsum over axis 0 here
+  return table
+
+
+def region_sums(coords: np.ndarray, ring_offsets: np.ndarray, polygon_offsets: np.ndarray,
+                table: Optional[np.ndarray] = None) -> np.ndarray:
+  """Per polygon, the sum of a raster's values over the pixels inside it (its pixel count
+  when table is None), from a summed-area table and the rings' vertical edges alone.
+
+  By Green's theorem an edge from (x, y) to (x, y') adds table[y', x] - table[y, x], up
+  to the ring's orientation; holes subtract. Exact (integers) where every vertex lies on
+  a pixel corner, as GDAL's polygons' do; coords are in the table's pixel frame. Rings
+  repeat their first vertex last, as GeoJSON's and shapely's do.
+  """
+  if len(coords) == 0:
+    return np.zeros(len(polygon_offsets) - 1, np.int64)
+  x = np.rint(coords[:, 0]).astype(np.int64)
+  y = np.rint(coords[:, 1]).astype(np.int64)
+  following = np.append(y[1:], 0)
+  if table is None:     # the table of ones: table[y, x] = x * y
+    edges = x * (following - y)
+  else:
+    edges = table[following, x] - table[y, x]
+  edges[ring_offsets[1:] - 1] = 0      # a ring's last vertex closes it: no edge onwards
+  rings = np.abs(np.add.reduceat(edges, ring_offsets[:-1]))
+  rings[np.setdiff1d(np.arange(len(rings)), polygon_offsets[:-1])] *= -1
+  return np.add.reduceat(rings, polygon_offsets[:-1])
 
 
 def merge_parts(parts: list[PolygonPart]) -> list[PolygonPart]:
