@@ -7,7 +7,8 @@ from rasterio.features import rasterize
 from shapely import wkb
 
 from transforms.config import PolygonConfig
-from transforms.polygons.vectorize import denoise, finish, merge_parts, polygonize
+from transforms.polygons.vectorize import (denoise, finish, merge_parts, polygonize,
+                                           ragged_rings, region_sums, summed_area_table)
 from transforms.types import NODATA_CLASS
 
 
@@ -164,3 +165,22 @@ def test_vectorised_finish_and_order_are_byte_identical_to_one_at_a_time(
           for p in parts]
   assert [None if g is None else (g.wkb, g.bounds, g.area_m2) for g in got] == want
   assert any(w is None for w in want) or min_area == 1
+
+
+def test_region_sums_read_pixels_and_values_off_the_rings_holes_subtracted():
+  values = np.arange(12 * 10, dtype=np.int64).reshape(12, 10) % 251
+  # A ring of pixels rows 2..8, columns 1..6, with a hole rows 4..5, columns 3..4, placed
+  # at (y, x) = (100, 40) in its raster: coordinates are (column, row) pixel corners.
+  shell = [(41, 102), (47, 102), (47, 109), (41, 109), (41, 102)]
+  hole = [(43, 104), (43, 106), (45, 106), (45, 104), (43, 104)]     # opposite winding
+  square = [(40, 100), (41, 100), (41, 101), (40, 101), (40, 100)]
+  coords, rings, polygons = ragged_rings([{"coordinates": [shell, hole]},
+                                          {"coordinates": [square]}])
+  local = coords - (40, 100)
+  region = np.zeros((12, 10), bool)
+  region[2:9, 1:7] = True
+  region[4:6, 3:5] = False
+  np.testing.assert_array_equal(region_sums(local, rings, polygons), [region.sum(), 1])
+  np.testing.assert_array_equal(
+      region_sums(local, rings, polygons, summed_area_table(values)),
+      [values[region].sum(), values[0, 0]])
