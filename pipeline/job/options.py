@@ -115,7 +115,9 @@ class HRNetOptions(PipelineOptions):
 
     groups["model"].add_argument(
         "--model_cache_dir", default=DEFAULT_CACHE_DIR,
-        help="Where workers copy a gs:// model before loading it (once per machine).")
+        help="Where workers copy a gs:// model before loading it (once per machine), "
+        "and where OpenVINO keeps an optimized model's compiled forms (openvino-blobs/: "
+        "compiled once per machine, then read).")
 
     groups["model"].add_argument(
         "--tta", default="none",

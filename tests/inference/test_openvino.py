@@ -305,7 +305,7 @@ def test_a_tile_on_the_streams_does_not_depend_on_its_call(optimized):
             for slot, i in enumerate(order) if i is not None}
 
   first = call([0, 1])
-  requests = model._compiled[("backbone", True, True)]  # pylint: disable=protected-access
+  requests = model._compiled[("backbone", True, True, None)]  # pylint: disable=protected-access
   counting = [_CountingRequest(r) for r in requests]
   requests[:] = counting
   padded = call([0, None])
@@ -342,3 +342,63 @@ def test_an_optimized_model_asked_for_a_gpu_stops_with_the_fix(optimized, images
   with pytest.raises(Exception, match="runs on the CPU .*drop --require_gpu"):
     run_job("--input", images / "0.png", "--output", tmp_path / "rows", "--model",
             optimized[0] / "int8", "--tile_size", TILE, "--require_gpu")
+
+
+@pytest.fixture(scope="module")
+def static_int8(tiny_model, images, tmp_path_factory):
+  """The tiny stand-in as int8 IR optimized with static shapes."""
+  out = tmp_path_factory.mktemp("static")
+  report = optimize(tiny_model, "int8", [str(images / "*.png")], str(out / "int8"),
+                    TILE, OVERLAP, calibration_tiles=8, holdout_tiles=4, static_shapes=True)
+  return out / "int8", report
+
+
+def test_static_shapes_compile_per_tile_shape_once_per_machine_and_rows_repeat(
+    static_int8, optimized, images, tmp_path):
+  model, report = static_int8
+  assert read_manifest(str(model))["shapes"] == "static per tile shape"
+  assert read_manifest(str(optimized[0] / "int8"))["shapes"] == "dynamic"
+  assert report["pixel_agreement"] > 0.7 and report["feature_cosine_mean"] > 0.99
+  cache = tmp_path / "cache"
+  first = _run(str(model), images, tmp_path / "a" / "rows", "--model_cache_dir", cache)
+  blobs = sorted(os.listdir(cache / "openvino-blobs"))
+  # The four images' grid gives tiles of several shapes: a blob for each compiled variant.
+  assert len(blobs) >= 3
+  again = _run(str(model), images, tmp_path / "b" / "rows", "--model_cache_dir", cache,
+               "--direct_num_workers", 2, "--direct_running_mode", "multi_processing")
+  assert sorted(os.listdir(cache / "openvino-blobs")) == blobs   # read back, none added
+  dynamic = _run(str(optimized[0] / "int8"), images, tmp_path / "d" / "rows")
+  for image_id, row in first.items():
+    for column in ("mask_png", "pooled_features", "class_counts", "mean_confidence"):
+      assert row[column] == again[image_id][column], column
+    assert np.mean(row["mask"] == dynamic[image_id]["mask"]) > 0.9
+  metadata = pq.read_schema(next((tmp_path / "a").glob("rows-*.parquet"))).metadata
+  manifest = json.loads(metadata[b"hrnet_beam.optimized_model_manifest"])
+  assert manifest["shapes"] == "static per tile shape"
+
+
+def test_static_shapes_keep_the_most_recent_compilations(static_int8, tmp_path, monkeypatch):
+  from transforms.inference import openvino_engine  # pylint: disable=import-outside-toplevel
+  from transforms.inference.model import load_hrnet  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(openvino_engine, "MAX_STATIC_VARIANTS", 2)
+  model = load_hrnet(str(static_int8[0]), str(tmp_path / "cache"))
+  rng = np.random.default_rng(4)
+  sides = [(64, 96), (96, 64), (128, 128)]
+  tiles = {side: rng.random((1, *side, 3)).astype(np.float32) for side in sides}
+  before = {side: model.run(tiles[side]) for side in sides}
+  assert model.compiled_shapes == [(96, 64), (128, 128)]     # (64, 96) compiled first, out
+  for side in sides:     # compiled again (from the cache) where evicted: the same outputs
+    for ours, theirs in zip(model.run(tiles[side]), before[side]):
+      np.testing.assert_array_equal(ours, theirs)
+    assert len(model.compiled_shapes) <= 2
+
+
+def test_a_cache_that_cannot_be_written_costs_time_not_the_job(optimized, tmp_path, caplog):
+  from transforms.inference.model import load_hrnet  # pylint: disable=import-outside-toplevel
+  blocker = tmp_path / "a-file"
+  blocker.write_text("not a directory")
+  with caplog.at_level(logging.WARNING):
+    model = load_hrnet(str(optimized[0] / "float32"), str(blocker / "cache"))
+  assert model.blob_cache is None and "cannot be written" in caplog.text
+  scores, _ = model.run(np.zeros((1, 64, 64, 3), np.float32))
+  assert scores.shape == (1, 64, 64, 7)

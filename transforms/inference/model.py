@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 from typing import Any, Optional
 
@@ -15,7 +16,7 @@ from transforms.augmentation import Augmentation, scaled_side
 from transforms.inference.confidence import IGNORE_VALUE, LOGITS, scores_kind
 from transforms.inference.head import probe_module
 from transforms.inference.loaded import LoadedModel, TileOutputs
-from transforms.inference.openvino_engine import (ENGINE_TENSORFLOW,
+from transforms.inference.openvino_engine import (BLOB_CACHE, ENGINE_TENSORFLOW,
                                                   OpenVinoHRNet, effective_precision,
                                                   is_optimized_dir, read_manifest)
 from transforms.inference.precision import FLOAT32, PrecisionUnsupportedError, apply_precision
@@ -341,7 +342,7 @@ def load_hrnet(handle: str, cache_dir: str = DEFAULT_CACHE_DIR, require_gpu: boo
     started = time.monotonic()
     if is_optimized_dir(local_dir):
       model = _load_optimized(handle, local_dir, precision, precision_fallback, threads,
-                              require_gpu)
+                              require_gpu, os.path.join(cache_dir, BLOB_CACHE))
     else:
       prepare_devices(require_gpu, *threads)
       choice = apply_precision(precision, precision_fallback)
@@ -366,9 +367,10 @@ _OPTIMIZED_ON_GPU = ("{handle} is an optimized model, which runs on the CPU (Ope
 
 
 def _load_optimized(handle: str, local_dir: str, precision: str, fallback: str,
-                    threads: tuple, require_gpu: bool) -> OpenVinoHRNet:
+                    threads: tuple, require_gpu: bool, blob_cache: str) -> OpenVinoHRNet:
   """An optimized model (hrnet-beam optimize) on the OpenVINO engine, without TensorFlow:
-  its precision is its manifest's (bfloat16 may fall back to float32 as --precision does)."""
+  its precision is its manifest's (bfloat16 may fall back to float32 as --precision does);
+  its compiled models cached in blob_cache, paid once per machine."""
   if precision != FLOAT32:
     raise ModelLoadError(f"{handle} is an optimized model, whose precision was chosen when "
                          f"it was optimized: drop --precision {precision}")
@@ -379,7 +381,7 @@ def _load_optimized(handle: str, local_dir: str, precision: str, fallback: str,
   return OpenVinoHRNet(handle, local_dir, effective, threads[0],
                        tensorflow_engine=functools.partial(
                            _tensorflow_around, handle=handle, local_dir=local_dir,
-                           precision=effective))
+                           precision=effective), blob_cache=blob_cache)
 
 
 def _tensorflow_around(module, handle: str, local_dir: str, precision: str) -> LoadedHRNet:

@@ -10,6 +10,7 @@ outputs: 'scores' (B, H, W, classes), as the source model's predict returned the
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -34,6 +35,11 @@ IR_FILE = "model.xml"
 SCORES, FEATURES = "scores", "features"
 INT8, BFLOAT16 = "int8", "bfloat16"
 OPTIMIZED_PRECISIONS = (FLOAT32, BFLOAT16, INT8)
+# The manifest's "shapes": the backbone compiled once for any size, or once per tile shape
+# (hrnet-beam optimize --static_shapes); rows differ between the two, never run to run.
+DYNAMIC_SHAPES, STATIC_SHAPES = "dynamic", "static per tile shape"
+MAX_STATIC_VARIANTS = 8   # compiled backbones kept at once; more tile shapes: least recent out
+BLOB_CACHE = "openvino-blobs"   # OpenVINO's compiled-model cache, under the model cache dir
 
 
 def is_optimized_dir(local_dir: str) -> bool:
@@ -82,6 +88,22 @@ def compile_config(precision: str, threads: int = 0, streams: bool = False) -> d
   if threads:
     config[props.inference_num_threads] = int(threads)
   return config
+
+
+def _usable_directory(path: Optional[str]) -> Optional[str]:
+  """path, created if need be, or None (logged) where it cannot be written: a cache that
+  cannot be kept costs compile time, never the job."""
+  if not path or "://" in path:
+    return None
+  try:
+    os.makedirs(path, exist_ok=True)
+    if os.access(path, os.W_OK):
+      return path
+  except OSError:
+    pass
+  logger.warning("OpenVINO's compiled-model cache %s cannot be written: compiling on each "
+                 "load", path)
+  return None
 
 
 def _producer(model, name: str):
@@ -198,15 +220,20 @@ class OpenVinoHRNet(LoadedModel):
   post-processing then runs once over the batch.
 
   Compiled models are made on first use and kept: the backbone with or without the head,
-  with streams or not, and the post-processing with or without masks."""
+  with streams or not, and the post-processing with or without masks. An IR optimized
+  with static shapes gets a backbone compiled per tile shape (batch 1, as every request
+  runs one image), the MAX_STATIC_VARIANTS most recently used kept. With a blob cache
+  directory, OpenVINO stores each compiled model there and later loads read it instead of
+  compiling again: once per machine (the loaded model is the same, and so are rows)."""
 
   engine = ENGINE_OPENVINO
 
   def __init__(self, handle: str, local_dir: str, precision: str, threads: int = 0,
-               tensorflow_engine=None):
+               tensorflow_engine=None, blob_cache: Optional[str] = None):
     """tensorflow_engine: module -> LoadedModel, the TensorFlow engine wrapped around a
     SavedModel-like module (OpenVinoModule), for test-time augmentation; given by the
-    loader, so that this engine never imports the TensorFlow one."""
+    loader, so that this engine never imports the TensorFlow one. blob_cache: a
+    directory for OpenVINO's compiled-model cache, or None for none."""
     super().__init__(handle, local_dir, precision)
     import openvino as ov  # pylint: disable=import-outside-toplevel
     self.manifest = read_manifest(local_dir)
@@ -216,13 +243,18 @@ class OpenVinoHRNet(LoadedModel):
     self.num_classes = int(self.manifest["num_classes"])
     self.feature_dim = int(self.manifest["feature_dim"])
     self._core = ov.Core()
+    self.static_shapes = self.manifest.get("shapes", DYNAMIC_SHAPES) == STATIC_SHAPES
+    self.blob_cache = _usable_directory(blob_cache)
+    if self.blob_cache:
+      import openvino.properties as props  # pylint: disable=import-outside-toplevel
+      self._core.set_property({props.cache_dir: self.blob_cache})
     # Read once: each compiled variant edits a clone of it (backbone_model).
     self._ir = self._core.read_model(os.path.join(local_dir, IR_FILE))
     self._threads = threads
     self._shape = tuple(None if d.is_dynamic else d.get_length() for d in list(
         self._ir.input(0).get_partial_shape()))
     self.fixed_shape = tuple(-1 if d is None else d for d in self._shape)
-    self._compiled = {}
+    self._compiled = collections.OrderedDict()   # key -> infer requests, least recent first
     self._buffers = {}   # name -> flat float32 array, grown to the largest call so far
     self._lock = threading.Lock()   # one call at a time: calls from threads take turns
     self._tensorflow = None
@@ -231,10 +263,19 @@ class OpenVinoHRNet(LoadedModel):
   def _requests(self, key: tuple) -> list:
     """The infer requests of one compiled variant: one for the latency hint, as many as
     OpenVINO says keep its streams busy for the throughput hint."""
-    if key not in self._compiled:
-      kind, flag, streams = key
+    if key in self._compiled:
+      self._compiled.move_to_end(key)
+    else:
+      kind, flag, streams, side = key
       if kind == "backbone":
         model = backbone_model(self._ir.clone(), flag)
+        if side is not None:
+          import openvino as ov  # pylint: disable=import-outside-toplevel
+          model.reshape({model.input(0): ov.PartialShape([1, *side, 3])})
+          static = [k for k in self._compiled if k[3] is not None]
+          if len(static) >= MAX_STATIC_VARIANTS:
+            del self._compiled[static[0]]
+          logger.info("Compiling the backbone of %s for %dx%d tiles", self.handle, *side)
         config = compile_config(self.runs_at, self._threads, streams)
       else:
         model = post_processing_model(self.num_classes, self.feature_dim,
@@ -247,6 +288,12 @@ class OpenVinoHRNet(LoadedModel):
         count = max(1, int(compiled.get_property(props.optimal_number_of_infer_requests)))
       self._compiled[key] = [compiled.create_infer_request() for _ in range(count)]
     return self._compiled[key]
+
+  @property
+  def compiled_shapes(self) -> list:
+    """The tile shapes (height, width) with a backbone compiled for them and kept (an IR
+    optimized with static shapes); [] for one compiled for any size."""
+    return sorted({key[3] for key in self._compiled if key[3] is not None})
 
   def _buffer(self, name: str, shape: tuple) -> np.ndarray:
     size = int(np.prod(shape))
@@ -271,7 +318,7 @@ class OpenVinoHRNet(LoadedModel):
     names = (SCORES, FEATURES) if want_scores else (FEATURES,)
     batch, count = self._shape[0], images.shape[0]
     if batch is not None and batch != 1:   # chunks of the IR's batch, the last padded
-      request = self._requests(("backbone", want_scores, False))[0]
+      request = self._requests(("backbone", want_scores, False, None))[0]
       parts = []
       for start in range(0, count, batch):
         chunk = np.zeros((batch, *images.shape[1:]), np.float32)
@@ -279,8 +326,9 @@ class OpenVinoHRNet(LoadedModel):
         request.infer({0: chunk})
         parts.append({n: np.array(request.get_tensor(n).data) for n in names})
       return {n: np.concatenate([p[n] for p in parts])[:count] for n in names}
+    side = tuple(images.shape[1:3]) if self.static_shapes else None
     if count == 1:
-      request = self._requests(("backbone", want_scores, False))[0]
+      request = self._requests(("backbone", want_scores, False, side))[0]
       request.infer({0: np.ascontiguousarray(images)}, share_inputs=True,
                     share_outputs=True)
       return {n: request.get_tensor(n).data for n in names}
@@ -289,7 +337,7 @@ class OpenVinoHRNet(LoadedModel):
     outputs = {FEATURES: self._buffer(FEATURES, (count, *cells, self.feature_dim))}
     if want_scores:
       outputs[SCORES] = self._buffer(SCORES, (count, *images.shape[1:3], self.num_classes))
-    requests = self._requests(("backbone", want_scores, True))
+    requests = self._requests(("backbone", want_scores, True, side))
     started = []
     try:
       for slot in range(count):
@@ -322,7 +370,7 @@ class OpenVinoHRNet(LoadedModel):
               "patch_weights": np.asarray(patch_weights, np.float32)}
     if want_masks:
       inputs[SCORES] = backbone[SCORES]
-    request = self._requests(("post", want_masks, False))[0]
+    request = self._requests(("post", want_masks, False, None))[0]
     request.infer({k: np.ascontiguousarray(v) for k, v in inputs.items()}, share_inputs=True)
     names = ("pooled", "patches") + (("class_ids", "stats") if want_masks else ())
     return {n: np.array(request.get_tensor(n).data) for n in names}

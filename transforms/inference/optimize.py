@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-from transforms.inference.openvino_engine import (FEATURES, INT8, IR_FILE, MANIFEST,
-                                                  SCORES)
+from transforms.inference.openvino_engine import (DYNAMIC_SHAPES, FEATURES, INT8, IR_FILE,
+                                                  MANIFEST, SCORES, STATIC_SHAPES)
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ def quantize(ov_model, tiles: np.ndarray, keep_head: bool = True,
 
 
 def manifest(source: str, source_hash: str, precision: str, model_info: dict,
-             calibration: dict | None, head_kept: list | None) -> dict:
+             calibration: dict | None, head_kept: list | None,
+             static_shapes: bool = False) -> dict:
   import openvino as ov  # pylint: disable=import-outside-toplevel
   versions = {"openvino": ov.__version__}
   if precision == INT8:
@@ -93,6 +94,7 @@ def manifest(source: str, source_hash: str, precision: str, model_info: dict,
       "source's predict, 'features' at 1/4",
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "versions": versions, "calibration": calibration, "kept_in_float": head_kept,
+      "shapes": STATIC_SHAPES if static_shapes else DYNAMIC_SHAPES,
       **model_info,
   }
 
