@@ -36,6 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 TILE, OVERLAP = 512, 64
 MODES = ("limit", "pipeline", "naive", "pipeline_tta_flip")
 SUBSET_MODE = "pipeline_quarter"   # the pipeline on the first quarter of the images
+STATIC_SUFFIX = "-static"   # --openvino int8-static: optimized with --static_shapes
 
 
 def _peak_rss_bytes() -> int:
@@ -231,7 +232,7 @@ def _precisions(args, model: str, images: list, float32_results: dict) -> dict:
   return reports
 
 
-def _demo_agreement(precision: str, workdir: str) -> dict:
+def _demo_agreement(precision: str, workdir: str, static_shapes: bool = False) -> dict:
   """The trained demo model optimized at `precision` against its TensorFlow float32, on
   tiles of held-out synthetic scenes (random-weight models tie too often to judge)."""
   # pylint: disable=import-outside-toplevel
@@ -248,8 +249,9 @@ def _demo_agreement(precision: str, workdir: str) -> dict:
   demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "models", "demo")
   report = optimize(demo, precision, [os.path.join(directory, "*.png")],
-                    os.path.join(workdir, f"demo-openvino-{precision}"), 256, 64,
-                    calibration_tiles=16, holdout_tiles=8)
+                    os.path.join(workdir, f"demo-openvino-{precision}"
+                                 f"{STATIC_SUFFIX if static_shapes else ''}"), 256, 64,
+                    calibration_tiles=16, holdout_tiles=8, static_shapes=static_shapes)
   return {k: report[k] for k in ("pixel_agreement", "feature_cosine_mean",
                                  "feature_cosine_min", "iou_per_class", "ran_at")}
 
@@ -266,19 +268,21 @@ def _openvino(args, model: str, images: list, float32_results: dict) -> dict:
   limit32 = float32_results["limit"]["tiles_per_s"]
   from transforms.inference.openvino_engine import BFLOAT16, bf16_unsupported_reason
   from transforms.inference.precision import read_cpu_flags
-  for precision in [p.strip() for p in args.openvino.split(",") if p.strip()]:
+  for name in [p.strip() for p in args.openvino.split(",") if p.strip()]:
+    precision = name.removesuffix(STATIC_SUFFIX)
+    static = name != precision
     reason = bf16_unsupported_reason(read_cpu_flags()) if precision == BFLOAT16 else None
     if reason is not None:
-      reports[precision] = {"unsupported": reason}
-      print(f"openvino {precision}: not measured on this machine: {reason}")
+      reports[name] = {"unsupported": reason}
+      print(f"openvino {name}: not measured on this machine: {reason}")
       continue
-    directory = os.path.join(args.workdir, f"openvino-{precision}-"
+    directory = os.path.join(args.workdir, f"openvino-{name}-"
                              f"{'quick' if args.quick else 'w48'}")
     started = time.perf_counter()
     # Speed only on this random-weight model: the quick bias correction is enough.
     optimize(model, precision, images, directory, TILE, OVERLAP,
              calibration_tiles=4 if args.quick else 16, holdout_tiles=1,
-             fast_bias_correction=True)
+             fast_bias_correction=True, static_shapes=static)
     optimize_seconds = time.perf_counter() - started
     limit = _run_mode("limit", args, model=directory)
     pipeline = _run_mode("pipeline", args, model=directory)
@@ -291,15 +295,15 @@ def _openvino(args, model: str, images: list, float32_results: dict) -> dict:
         "pipeline_images_per_s": pipeline["images"] / pipeline["seconds"],
         "pipeline_peak_rss_bytes": pipeline["peak_rss_bytes"],
         "pipeline_steady_tiles_per_s": steady_state(pipeline, part),
-        "demo_model_agreement": _demo_agreement(precision, args.workdir),
+        "demo_model_agreement": _demo_agreement(precision, args.workdir, static),
     }
     entry["pipeline_steady_over_tensorflow_float32_limit"] = (
         entry["pipeline_steady_tiles_per_s"] / limit32)
     entry["limit_over_tensorflow_float32_limit"] = entry["limit_tiles_per_s"] / limit32
     entry["pipeline_over_tensorflow_float32_limit"] = entry["pipeline_tiles_per_s"] / limit32
-    reports[precision] = entry
+    reports[name] = entry
     agreement = entry["demo_model_agreement"]
-    print(f"openvino {precision:9}limit {entry['limit_tiles_per_s']:.2f} tiles/s "
+    print(f"openvino {name:9}limit {entry['limit_tiles_per_s']:.2f} tiles/s "
           f"(x{entry['limit_over_tensorflow_float32_limit']:.2f} TF float32 limit), pipeline "
           f"{entry['pipeline_tiles_per_s']:.2f} tiles/s "
           f"(x{entry['pipeline_over_tensorflow_float32_limit']:.2f}; once started "
@@ -324,8 +328,9 @@ def main(argv=None) -> int:
                       help=argparse.SUPPRESS)  # one measurement, in a child process
   parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
   parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
-  parser.add_argument("--openvino", default="float32,bfloat16,int8",
-                      help="OpenVINO precisions measured beside TensorFlow ('' for none)")
+  parser.add_argument("--openvino", default="float32,bfloat16,int8,int8-static",
+                      help="OpenVINO precisions measured beside TensorFlow ('' for none); "
+                           "-static: the model optimized with --static_shapes")
   args = parser.parse_args(argv)
   if not args.mode:   # the children's stderr goes through the parent's filter
     from pipeline.cli import console  # pylint: disable=import-outside-toplevel
