@@ -303,7 +303,7 @@ def _openvino(args, model: str, images: list, float32_results: dict) -> dict:
     entry["pipeline_over_tensorflow_float32_limit"] = entry["pipeline_tiles_per_s"] / limit32
     reports[name] = entry
     agreement = entry["demo_model_agreement"]
-    print(f"openvino {name:9}limit {entry['limit_tiles_per_s']:.2f} tiles/s "
+    print(f"openvino {name:12} limit {entry['limit_tiles_per_s']:.2f} tiles/s "
           f"(x{entry['limit_over_tensorflow_float32_limit']:.2f} TF float32 limit), pipeline "
           f"{entry['pipeline_tiles_per_s']:.2f} tiles/s "
           f"(x{entry['pipeline_over_tensorflow_float32_limit']:.2f}; once started "
@@ -328,6 +328,9 @@ def main(argv=None) -> int:
                       help=argparse.SUPPRESS)  # one measurement, in a child process
   parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
   parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--modes", default=",".join(MODES + (SUBSET_MODE,)),
+                      help="TensorFlow float32 modes to run (comma-separated; 'limit' alone "
+                           "is the baseline the engine columns need)")
   parser.add_argument("--openvino", default="float32,bfloat16,int8,int8-static",
                       help="OpenVINO precisions measured beside TensorFlow ('' for none); "
                            "-static: the model optimized with --static_shapes")
@@ -351,7 +354,12 @@ def main(argv=None) -> int:
     result["peak_rss_bytes"] = _peak_rss_bytes()
     print(json.dumps(result))
     return 0
-  results = {mode: _run_mode(mode, args) for mode in MODES + (SUBSET_MODE,)}
+  modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+  unknown = sorted(set(modes) - set(MODES + (SUBSET_MODE,)))
+  if unknown or "limit" not in modes:
+    parser.error(f"--modes: {', '.join(unknown) or 'limit missing'}; choose from "
+                 f"{', '.join(MODES + (SUBSET_MODE,))}, limit included")
+  results = {mode: _run_mode(mode, args) for mode in MODES + (SUBSET_MODE,) if mode in modes}
   for result in results.values():
     result["images_per_s"] = result["images"] / result["seconds"]
     if "tiles" in result:
@@ -362,15 +370,6 @@ def main(argv=None) -> int:
       "images": [len(images), "quick set" if args.quick else f"{args.count} x 1024^2 + "
                  f"{args.big} x 3000^2"],
       "tile_size": TILE, "tile_overlap": OVERLAP, "results": results,
-      "pipeline_over_limit": results["pipeline"]["tiles_per_s"] /
-                             results["limit"]["tiles_per_s"],
-      "pipeline_steady_tiles_per_s": steady_state(results["pipeline"], results[SUBSET_MODE]),
-      "pipeline_over_naive": results["pipeline"]["images_per_s"] /
-                             results["naive"]["images_per_s"],
-      "pipeline_peak_rss_bytes": results["pipeline"]["peak_rss_bytes"],
-      # Two model passes per tile: the cost of --tta flip against no augmentation.
-      "tta_flip_over_pipeline": results["pipeline_tta_flip"]["tiles_per_s"] /
-                                results["pipeline"]["tiles_per_s"],
   }
   cpu = report["machine"]
   print(f"CPU: {cpu['cpu']} (family {cpu['family']}, model {cpu['model']}), "
@@ -381,14 +380,27 @@ def main(argv=None) -> int:
     tiles = f"{result['tiles_per_s']:.2f}" if "tiles_per_s" in result else "-"
     print(f"{mode:10}{result['seconds']:>10.1f}{tiles:>10}{result['images_per_s']:>10.2f}"
           f"{result['peak_rss_bytes'] / 2**30:>10.2f} GiB")
-  report["pipeline_steady_over_limit"] = (report["pipeline_steady_tiles_per_s"] /
-                                         results["limit"]["tiles_per_s"])
-  print(f"pipeline once started: {report['pipeline_steady_tiles_per_s']:.2f} tiles/s "
-        f"(x{report['pipeline_steady_over_limit']:.2f} limit; start-up subtracted with a "
-        "run on the first quarter of the images)")
-  print(f"pipeline/limit (tiles/s): {report['pipeline_over_limit']:.2f}   "
-        f"pipeline/naive (images/s): {report['pipeline_over_naive']:.2f}   "
-        f"--tta flip/pipeline: {report['tta_flip_over_pipeline']:.2f}")
+  if set(MODES + (SUBSET_MODE,)) <= set(results):    # the ratios between TensorFlow modes
+    report.update({
+        "pipeline_over_limit": results["pipeline"]["tiles_per_s"] /
+                               results["limit"]["tiles_per_s"],
+        "pipeline_steady_tiles_per_s": steady_state(results["pipeline"],
+                                                    results[SUBSET_MODE]),
+        "pipeline_over_naive": results["pipeline"]["images_per_s"] /
+                               results["naive"]["images_per_s"],
+        "pipeline_peak_rss_bytes": results["pipeline"]["peak_rss_bytes"],
+        # Two model passes per tile: the cost of --tta flip against no augmentation.
+        "tta_flip_over_pipeline": results["pipeline_tta_flip"]["tiles_per_s"] /
+                                  results["pipeline"]["tiles_per_s"],
+    })
+    report["pipeline_steady_over_limit"] = (report["pipeline_steady_tiles_per_s"] /
+                                           results["limit"]["tiles_per_s"])
+    print(f"pipeline once started: {report['pipeline_steady_tiles_per_s']:.2f} tiles/s "
+          f"(x{report['pipeline_steady_over_limit']:.2f} limit; start-up subtracted with a "
+          "run on the first quarter of the images)")
+    print(f"pipeline/limit (tiles/s): {report['pipeline_over_limit']:.2f}   "
+          f"pipeline/naive (images/s): {report['pipeline_over_naive']:.2f}   "
+          f"--tta flip/pipeline: {report['tta_flip_over_pipeline']:.2f}")
   report["precisions"] = _precisions(args, model, images, results)
   report["openvino"] = _openvino(args, model, images, results)
   with open(args.report, "w", encoding="utf-8") as f:
