@@ -25,7 +25,7 @@ from pipeline.job.progress import ProgressDisplay, progress_line
 from pipeline.job.validate import job_config_from_options
 from transforms.inference.model import release_preloaded
 from transforms import timing
-from transforms.metrics import METRICS_NAMESPACE
+from transforms.metrics import METRICS_NAMESPACE, model_load_ids
 from transforms.progress import COUNTED_FIELDS, ProgressCounts, metric_name, read_reports
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ def _counter_values(result) -> dict:
   for string_set in metrics.get("string_sets", []):
     result_value = string_set.committed or string_set.attempted or set()
     values.setdefault(string_set.key.metric.name, set()).update(result_value)
+  values["model_load_ids"] = model_load_ids(values)
   return values
 
 

@@ -18,7 +18,7 @@ from transforms.embeddings.patches import patch_slots, tile_patch_weights
 from transforms.inference.confidence import QA_SUMS
 from transforms.inference.loaded import LoadedModel, TileOutputs
 from transforms.inference.model import FEATURE_STRIDE, load_hrnet
-from transforms.metrics import METRICS_NAMESPACE
+from transforms.metrics import METRICS_NAMESPACE, MODEL_COPY_PREFIX
 from transforms.timing import StageClock
 from transforms.tiling.channels import map_channels, to_unit_float
 from transforms.tiling.grid import cell_weight_map, own_box_in_tile
@@ -77,14 +77,18 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedModel]):
           "oom_backoffs": beam.metrics.Metrics.counter(METRICS_NAMESPACE, "oom_backoffs"),
           "inferred": beam.metrics.Metrics.counter(METRICS_NAMESPACE, "tiles_inferred"),
           "nodata": beam.metrics.Metrics.counter(METRICS_NAMESPACE, "tiles_nodata_skipped"),
-          "load_ids": beam.metrics.Metrics.string_set(METRICS_NAMESPACE, "model_load_ids"),
+          "copies": {},   # load id -> its counter (metrics.MODEL_COPY_PREFIX)
           "tile_outputs": StageClock("tile_outputs"), "model": StageClock("model")}
     return self._metrics
 
   def run_inference(self, batch: Sequence[Tile], model: LoadedModel,
                     inference_args: Optional[dict[str, Any]] = None) -> Iterable[TileResult]:
     counters = self._counters()
-    counters["load_ids"].add(model.load_id())
+    load_id = model.load_id()
+    if load_id not in counters["copies"]:
+      counters["copies"][load_id] = beam.metrics.Metrics.counter(
+          METRICS_NAMESPACE, MODEL_COPY_PREFIX + load_id)
+    counters["copies"][load_id].inc(len(batch))
     with counters["tile_outputs"]:   # the model's calls inside are counted apart
       results = self._infer_or_split(list(batch), model)
     counters["tiles_failed"].inc(sum(1 for r in results if r.error is not None))
