@@ -122,8 +122,9 @@ def region_sums(coords: np.ndarray, ring_offsets: np.ndarray, polygon_offsets: n
     edges = table[following, x] - table[y, x]
   edges[ring_offsets[1:] - 1] = 0      # a ring's last vertex closes it: no edge onwards
   rings = np.abs(np.add.reduceat(edges, ring_offsets[:-1]))
-  rings[np.setdiff1d(np.arange(len(rings)), polygon_offsets[:-1])] *= -1
-  return np.add.reduceat(rings, polygon_offsets[:-1])
+  signs = np.full(len(rings), -1, np.int64)    # holes subtract; each polygon's first
+  signs[polygon_offsets[:-1]] = 1              # ring is its shell
+  return np.add.reduceat(rings * signs, polygon_offsets[:-1])
 
 
 def merge_parts(parts: list[PolygonPart]) -> list[PolygonPart]:
