@@ -253,7 +253,8 @@ class HRNetOptions(PipelineOptions):
 
     groups["runner"].add_argument(
         "--share_model_across_processes", action="store_true", default=False,
-        help="Load one model per machine, shared by all its worker processes.")
+        help="Load one model per machine, shared by all its worker processes (Beam's "
+             "MultiProcessShared: callers send their tiles' own pixels by RPC).")
 
     groups["runner"].add_argument(
         "--model_copies", type=int, default=None,

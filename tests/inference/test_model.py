@@ -257,3 +257,31 @@ def test_savedmodel_without_hrnet_functions_is_refused(tmp_path):
   tf.saved_model.save(module, str(tmp_path / "other"))
   with pytest.raises(ModelLoadError, match="no predict or get_features"):
     load_hrnet(str(tmp_path / "other"))
+
+
+@pytest.mark.parametrize("dtype,mapping", [(np.uint8, "rgb"), (np.uint16, "3,0,1"),
+                                           (np.uint8, "rg_mean")])
+def test_a_call_on_the_tiles_own_pixels_gives_the_bytes_of_the_float_call(
+    tiny_model, dtype, mapping):
+  """What a shared model's callers send (the pixels as decoded, 0/1 pixel weights in
+  uint8) is scaled and mapped in the model's process by the handler's own functions: the
+  outputs are the bytes of the float32 call."""
+  from transforms.tiling.channels import map_channels, to_unit_float  # pylint: disable=import-outside-toplevel
+  loaded = LoadedHRNet(tf.saved_model.load(tiny_model), "tiny", tiny_model)
+  rng = np.random.default_rng(4)
+  bands = 4 if mapping == "3,0,1" else 3
+  pixels = rng.integers(0, np.iinfo(dtype).max, (2, 64, 96, bands), dtype=dtype,
+                        endpoint=True)
+  weights = (rng.random((2, 64, 96)) > 0.3).astype(np.uint8)
+  cells = rng.random((2, 16, 24)).astype(np.float32)
+  patches = rng.random((2, 3, 16, 24)).astype(np.float32)
+  ours = loaded.infer_pixel_tiles(pixels, mapping, True, True, cells, weights, 0.5, 0.3,
+                                  Augmentation(), True, patches)
+  floats = map_channels(to_unit_float(pixels), mapping)
+  reference = loaded.infer_tiles(np.ascontiguousarray(floats), True, True, cells,
+                                 weights.astype(np.float32), 0.5, 0.3, Augmentation(), True,
+                                 patches)
+  for name in ("class_ids", "confidence", "pseudo_labels", "qa_sums",
+               "class_confidence_sums", "features", "patch_features"):
+    np.testing.assert_array_equal(getattr(ours, name), getattr(reference, name), name)
+  assert weights.mean() < 0.8 and ours.qa_sums[0, 0] > 0   # the weights did select pixels

@@ -265,6 +265,29 @@ def test_model_loads_once_per_process_or_once_per_machine_when_shared(
       summary.metrics["tiles_inferred"])
 
 
+def test_a_shared_model_gives_the_rows_of_a_model_in_the_process(tiny_model, tmp_path):
+  """Callers of a shared model send their tiles' own pixels, scaled and mapped in the
+  model's process (a quarter of the bytes through the RPC): the rows are the same bytes."""
+  for i, (height, width) in enumerate([(200, 300), (130, 90), (256, 256)]):
+    save_image(tmp_path / f"{i}.png", textured_image(height, width, i))
+  common = ["--input", tmp_path / "*.png", "--model", tiny_model, "--tile_size", 128,
+            "--outputs", "masks,features,confidence", "--channel_mapping", "rg_mean"]
+  run_job(*common, "--output", tmp_path / "plain" / "rows")
+  summary = run_job(*common, "--output", tmp_path / "shared" / "rows",
+                    "--share_model_across_processes")
+  assert summary.metrics["tiles_inferred"] > 3
+  plain, shared = read_rows(tmp_path / "plain" / "rows"), read_rows(tmp_path / "shared" / "rows")
+  assert sorted(plain) == sorted(shared) and len(plain) == 3
+  for image_id, row in plain.items():
+    for column, value in row.items():
+      if column in ("mask", "run_id"):
+        continue
+      if isinstance(value, np.ndarray) or column == "mask_png":
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(shared[image_id][column]))
+      else:
+        assert value == shared[image_id][column], (image_id, column)
+
+
 def test_channel_mapping_comes_from_the_labels_file_and_the_flag(pixel_local_model, tmp_path):
   image = textured_image(64, 96, 5)
   image[:, :, :2] &= 0xFE  # R + G even: the mapped image is exact in uint8

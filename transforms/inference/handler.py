@@ -56,6 +56,10 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedModel]):
     self._model_config = model
     self._inference = inference
     self._call_size = inference.model_batch_size
+    # A shared model is called through Beam's RPC, which pickles every argument: callers
+    # send the tiles' own pixels (8-bit RGB: a quarter of float32's bytes), and the model's
+    # process scales and maps them (LoadedModel.infer_pixel_tiles, the same bytes).
+    self._ships_pixels = share
     self._metrics = None
 
   def load_model(self) -> LoadedModel:
@@ -144,9 +148,16 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedModel]):
       # Every call has the same shape for a tile shape: `call_size` tiles, padded.
       height, width = tiles[0].spec.height, tiles[0].spec.width
       cells = (height // FEATURE_STRIDE, width // FEATURE_STRIDE)
-      images = np.zeros((self._call_size, height, width, 3), np.float32)
+      kinds = {(tiles[i].pixels.dtype, tiles[i].pixels.shape) for i in needed}
+      ship_pixels = self._ships_pixels and len(kinds) == 1
+      if ship_pixels:   # one dtype and band count in the call: the pixels as they are
+        dtype, shape = next(iter(kinds))
+        images = np.zeros((self._call_size, *shape), dtype)
+      else:
+        images = np.zeros((self._call_size, height, width, 3), np.float32)
       weights = np.zeros((self._call_size, *cells), np.float32)
-      pixel_weights = np.zeros((self._call_size, height, width), np.float32)
+      pixel_weights = np.zeros((self._call_size, height, width),
+                               np.uint8 if ship_pixels else np.float32)   # 0 or 1
       patch_weights = None
       if patch_size:
         patch_weights = np.zeros((self._call_size, patch_slots(height, width, patch_size),
@@ -155,18 +166,21 @@ class HRNetModelHandler(ModelHandler[Tile, TileResult, LoadedModel]):
         if patch_size:
           patch_keys[i], patch_weights[slot] = tile_patch_weights(
               tiles[i].image, tiles[i].spec, patch_size, FEATURE_STRIDE, tiles[i].valid)
-        images[slot] = map_channels(to_unit_float(tiles[i].pixels),
-                                    self._model_config.channel_mapping)
+        images[slot] = tiles[i].pixels if ship_pixels else map_channels(
+            to_unit_float(tiles[i].pixels), self._model_config.channel_mapping)
         weights[slot] = cell_weight_map(boxes[i], FEATURE_STRIDE, cells, tiles[i].valid)
         y0, y1, x0, x1 = boxes[i]
         pixel_weights[slot, y0:y1, x0:x1] = 1 if valid_own[i] is None else valid_own[i]
+      arguments = (self._inference.want_masks, self._inference.want_features, weights,
+                   pixel_weights, self._inference.confidence_threshold,
+                   self._inference.ignore_below, self._inference.augmentation,
+                   self._inference.want_confidence, patch_weights)
       with self._counters()["model"]:
-        outputs = model.infer_tiles(images, self._inference.want_masks,
-                                    self._inference.want_features, weights, pixel_weights,
-                                    self._inference.confidence_threshold,
-                                    self._inference.ignore_below,
-                                    self._inference.augmentation,
-                                    self._inference.want_confidence, patch_weights)
+        if ship_pixels:
+          outputs = model.infer_pixel_tiles(images, self._model_config.channel_mapping,
+                                            *arguments)
+        else:
+          outputs = model.infer_tiles(images, *arguments)
       if patch_size:
         patch_counts = patch_weights.sum(axis=(2, 3))
     counters = self._counters()

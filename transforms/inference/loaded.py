@@ -9,6 +9,8 @@ from typing import Optional
 
 import numpy as np
 
+from transforms.tiling.channels import map_channels, to_unit_float
+
 
 @dataclasses.dataclass(frozen=True)
 class TileOutputs:
@@ -47,6 +49,19 @@ class LoadedModel:
   def load_id(self) -> str:
     """Unique per load: a metric of distinct ids counts the model copies that served."""
     return self._id
+
+  def infer_pixel_tiles(self, pixels: np.ndarray, channel_mapping: str, want_masks: bool,
+                        want_features: bool, cell_weights: np.ndarray,
+                        pixel_weights: np.ndarray, *args, **kwargs) -> "TileOutputs":
+    """infer_tiles on the tiles' own pixels: (B, H, W, bands) uint8 or uint16 and 0/1
+    pixel weights in any dtype, scaled and mapped here by the functions the handler uses
+    in a process of its own, so the outputs are the same bytes. What a caller of a shared
+    model sends: a quarter of the bytes of float32 RGB for 8-bit RGB, each pickled twice
+    on its way (the share's RPC cost grows with them)."""
+    images = np.ascontiguousarray(map_channels(to_unit_float(pixels), channel_mapping),
+                                  np.float32)
+    return self.infer_tiles(images, want_masks, want_features, cell_weights,
+                            np.asarray(pixel_weights, np.float32), *args, **kwargs)
 
   def input_shape(self) -> Optional[tuple]:
     """An optimized model's (B, H, W, C), -1 where any size goes; None for SavedModels."""
