@@ -14,9 +14,11 @@ code and engine; it is never a user engine.
 Reported (bench-report-host.json): host tiles/s per process at the default outputs and
 with confidence, polygons and patches (1000 / the ms a tile spends outside the model's
 calls, from the job's own per-stage times: what a process could feed a free model), the
-end-to-end rates with the device, ms per tile per stage, the scaling from one to two worker processes,
-the model loads counted in the two-process job, and how close the device's masks are to
-the demo model's (pixel agreement, polygons per image).
+end-to-end rates with the device, ms per tile per stage, the scaling from one to two
+worker processes (also as the steady rate of a longer job, start-up left out), the model
+loads counted in the two-process job, the cores each job kept busy (and the bound that
+puts on any scaling here), what a call through the shared model adds a tile with nothing
+contending, a floor device's cost (the engine's own work), and how close the device's masks are to the demo model's (pixel agreement, polygons per image).
 """
 import argparse
 import json
@@ -86,11 +88,89 @@ def fit_device(scene_dir: str, out_dir: str) -> dict:
   return {"fitted_pixel_agreement_with_demo": round(agreement, 4)}
 
 
+def floor_device(out_dir: str) -> None:
+  """The cheapest device with this model's outputs: scores are one linear map of the
+  colours, features a linear map of 4x4 means. What a job costs with it on this CPU is
+  the engine's own work on the device (softmax, class ids, QA sums, pooling) plus next to
+  nothing: a floor no device on these cores can go under."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from pipeline.standin.hrnet import export_saved_model  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  class_weights = tf.Variable(rng.normal(0, 4, (3, 7)).astype(np.float32))
+  feature_weights = tf.Variable(rng.normal(0, 0.5, (3, FEATURES)).astype(np.float32))
+
+  def predict_and_features(images):
+    pooled = tf.nn.avg_pool2d(images, 4, 4, "VALID")
+    return (tf.einsum("bhwc,ck->bhwk", images, class_weights),
+            tf.nn.relu(tf.einsum("bhwc,ck->bhwk", pooled, feature_weights)))
+
+  with open(os.path.join(DEMO, "labels.json"), encoding="utf-8") as f:
+    labels = json.load(f)
+  labels["note"] = "floor device (benchmarks/host_ceiling.py): linear in colour; not a model"
+  export_saved_model(predict_and_features, [class_weights, feature_weights], out_dir,
+                     labels=labels)
+
+
+def shared_call_cost(device_dir: str, side: int = 512, calls: int = 60) -> dict:
+  """ms a call (one 8-bit RGB tile of side x side) through Beam's MultiProcessShared
+  proxy, as the job's `--share_model_across_processes` makes it, against the same model
+  called in the process; calls alternate, medians, nothing else running. The server is a
+  thread of this process, as it is of the first worker in a job. `shared_float_ms`: the
+  same call sent as float32 RGB, as callers did before 2026-12-07 (third session)."""
+  import time  # pylint: disable=import-outside-toplevel
+  import uuid  # pylint: disable=import-outside-toplevel
+  from apache_beam.utils import multi_process_shared  # pylint: disable=import-outside-toplevel
+  from transforms.inference.model import load_hrnet  # pylint: disable=import-outside-toplevel
+  from transforms.tiling.channels import to_unit_float  # pylint: disable=import-outside-toplevel
+  cache = tempfile.mkdtemp(prefix="bench-host-cache-")
+  direct = load_hrnet(device_dir, cache)
+  proxy = multi_process_shared.MultiProcessShared(
+      lambda: load_hrnet(device_dir, cache), tag=f"bench-host-{uuid.uuid4().hex}",
+      always_proxy=True).acquire()
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (1, side, side, 3), dtype=np.uint8)
+  cells = np.ones((1, side // 4, side // 4), np.float32)
+  weights = np.ones((1, side, side), np.uint8)
+  calls_by_name = {
+      "direct": lambda: direct.infer_tiles(to_unit_float(pixels), True, True, cells,
+                                           weights.astype(np.float32), 0.5, None),
+      "shared": lambda: proxy.infer_pixel_tiles(pixels, "rgb", True, True, cells, weights,
+                                                0.5, None),
+      "shared_float": lambda: proxy.infer_tiles(to_unit_float(pixels), True, True, cells,
+                                                weights.astype(np.float32), 0.5, None)}
+  times = {name: [] for name in calls_by_name}
+  outputs = {}
+  for i in range(calls + 2):
+    for name, call in calls_by_name.items():
+      start = time.perf_counter()
+      outputs[name] = call()
+      if i >= 2:   # the first calls trace the functions
+        times[name].append(time.perf_counter() - start)
+  for name in ("shared", "shared_float"):   # the same bytes whichever way they travel
+    np.testing.assert_array_equal(outputs[name].class_ids, outputs["direct"].class_ids)
+    np.testing.assert_array_equal(outputs[name].features, outputs["direct"].features)
+  median = {name: 1000 * float(np.median(values)) for name, values in times.items()}
+  return {"tile_side": side, "calls": calls,
+          **{f"{name}_ms": round(value, 2) for name, value in median.items()},
+          "added_ms": round(median["shared"] - median["direct"], 2),
+          "added_ms_float": round(median["shared_float"] - median["direct"], 2)}
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+  """(busy, all) jiffies of the whole machine since boot, from /proc/stat."""
+  with open("/proc/stat", encoding="ascii") as f:
+    values = [int(v) for v in f.readline().split()[1:]]
+  idle = values[3] + values[4]   # idle and iowait
+  return sum(values) - idle, sum(values)
+
+
 def _run(args: list, workdir: str, name: str) -> dict:
   stats = os.path.join(workdir, f"{name}.json")
   command = [os.path.join(os.path.dirname(sys.executable), "hrnet-beam"), "run",
              "--progress", "off", "--stats_output", stats] + args
+  busy_before, all_before = _cpu_jiffies()
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+  busy_after, all_after = _cpu_jiffies()
   if done.returncode:
     raise RuntimeError(f"{name}: {done.stdout[-2000:]}\n{done.stderr[-3000:]}")
   with open(stats, encoding="utf-8") as f:
@@ -107,6 +187,10 @@ def _run(args: list, workdir: str, name: str) -> dict:
           "ms_per_tile": document["ms_per_tile"],
           "outside_model_ms_per_tile": document["outside_model_ms_per_tile"],
           "model_loads": document.get("model_loads"),
+          # The machine's cores kept busy on average while the job ran (every process:
+          # workers, the shared model's server, the launcher), from /proc/stat.
+          "cores_busy": round(os.cpu_count() * (busy_after - busy_before)
+                              / max(all_after - all_before, 1), 2),
           "polygons": int(polygons.split("Polygons: ")[1].split()[0]) if polygons else None}
 
 
@@ -114,6 +198,9 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--scenes", type=int, default=16)
   parser.add_argument("--size", type=int, default=1024)
+  parser.add_argument("--long_scenes", type=int, default=48,
+                      help="scenes of a longer job per configuration: the rate between the "
+                           "two lengths leaves out start-up (0: skip)")
   parser.add_argument("--report", default="bench-report-host.json")
   parser.add_argument("--workdir", default=None)
   args = parser.parse_args(argv)
@@ -139,6 +226,13 @@ def main(argv=None) -> int:
                                          workdir, "default2")
   report["default_two_processes_unshared"] = _run(base + ["--output", f"{out}/d2u"] + two,
                                                   workdir, "default2u")
+  # One process calling the model through the share (nothing else contends): what the
+  # share's RPC adds a tile. And the floor device: the engine's own work on these cores.
+  floor = os.path.join(workdir, "floor_device")
+  floor_device(floor)
+  report["shared_call"] = shared_call_cost(floor)
+  report["floor_device_default"] = _run(images + ["--model", floor, "--output", f"{out}/f1"],
+                                        workdir, "floor")
   report["demo_model_all"] = _run(images + ["--model", DEMO, "--output", f"{out}/demo"]
                                   + everything, workdir, "demo")
   # The host's ceiling: tiles a process could feed per second if the model took no time
@@ -159,6 +253,34 @@ def main(argv=None) -> int:
       "one_process": report["default"]["ms_per_tile"]["model"],
       "two_processes_shared": report["default_two_processes"]["ms_per_tile"]["model"],
       "two_processes_unshared": report["default_two_processes_unshared"]["ms_per_tile"]["model"]}
+  report["shared_call_ms_per_tile"] = report["shared_call"]["added_ms"]
+  report["floor_model_ms_per_tile"] = report["floor_device_default"]["ms_per_tile"]["model"]
+  # Two processes can at best use every core: if one process already keeps `cores_busy`
+  # of them busy, no split of the same work runs more than cores / cores_busy faster.
+  report["two_process_scaling_bound"] = round(
+      os.cpu_count() / report["default"]["cores_busy"], 2)
+  if args.long_scenes:
+    # Start-up (the launcher, then each worker importing TensorFlow and loading a model)
+    # dominates a 16-scene job; the extra tiles over the extra seconds of a longer one
+    # are the steady rate each configuration keeps.
+    long_dir = os.path.join(workdir, "scenes_long")
+    write_scenes(long_dir, args.long_scenes, args.size, args.size, 7)
+    long_base = ["--input", os.path.join(long_dir, "scene_*[0-9].png"), "--model", device]
+    rates = {}
+    for name, short, flags in (("one_process", "default", []),
+                               ("two_processes_shared", "default_two_processes", two + shared),
+                               ("two_processes_unshared", "default_two_processes_unshared",
+                                two)):
+      longer = _run(long_base + ["--output", f"{out}/long_{name}"] + flags, workdir,
+                    f"long_{name}")
+      report[f"long_{name}"] = longer
+      rates[name] = ((longer["tiles"] - report[short]["tiles"])
+                     / (longer["wall_seconds"] - report[short]["wall_seconds"]))
+    report["steady_tiles_per_s"] = {k: round(v, 1) for k, v in rates.items()}
+    report["two_process_steady_scaling"] = round(
+        rates["two_processes_shared"] / rates["one_process"], 3)
+    report["two_process_steady_scaling_unshared"] = round(
+        rates["two_processes_unshared"] / rates["one_process"], 3)
   report["polygons_per_image"] = {
       "device": report["all"]["polygons"] / args.scenes,
       "demo_model": report["demo_model_all"]["polygons"] / args.scenes}
