@@ -56,8 +56,9 @@ class LoadedModel:
     """infer_tiles on the tiles' own pixels: (B, H, W, bands) uint8 or uint16 and 0/1
     pixel weights in any dtype, scaled and mapped here by the functions the handler uses
     in a process of its own, so the outputs are the same bytes. What a caller of a shared
-    model sends: a quarter of the bytes of float32 RGB for 8-bit RGB, each pickled twice
-    on its way (the share's RPC cost grows with them)."""
+    model sends: a quarter of the bytes of float32 RGB for 8-bit RGB (the share's RPC
+    pickles each argument, sends it over a socket and unpickles it: its cost grows with
+    the bytes)."""
     images = np.ascontiguousarray(map_channels(to_unit_float(pixels), channel_mapping),
                                   np.float32)
     return self.infer_tiles(images, want_masks, want_features, cell_weights,
