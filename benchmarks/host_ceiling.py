@@ -18,7 +18,8 @@ end-to-end rates with the device, ms per tile per stage, the scaling from one to
 worker processes (also as the steady rate of a longer job, start-up left out), the model
 loads counted in the two-process job, the cores each job kept busy (and the bound that
 puts on any scaling here), what a call through the shared model adds a tile with nothing
-contending, a floor device's cost (the engine's own work), and how close the device's masks are to the demo model's (pixel agreement, polygons per image).
+contending, a floor device's cost (the engine's own work), and how close the device's
+masks are to the demo model's (pixel agreement, polygons per image).
 """
 import argparse
 import json
@@ -49,10 +50,18 @@ def _blur(images):
   return tf.nn.avg_pool2d(images, 5, 1, "SAME")
 
 
+def _export_device(predict_and_features, variables, out_dir: str, note: str) -> None:
+  """A benchmark device as a SavedModel with the demo model's labels and a note."""
+  from pipeline.standin.hrnet import export_saved_model  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(DEMO, "labels.json"), encoding="utf-8") as f:
+    labels = json.load(f)
+  labels["note"] = note
+  export_saved_model(predict_and_features, variables, out_dir, labels=labels)
+
+
 def fit_device(scene_dir: str, out_dir: str) -> dict:
   """Fits the device's classifier to the demo model's masks and exports it."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from pipeline.standin.hrnet import export_saved_model  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
   demo = tf.saved_model.load(DEMO)
   xs, ys = [], []
@@ -79,12 +88,9 @@ def fit_device(scene_dir: str, out_dir: str) -> dict:
     pooled = tf.nn.avg_pool2d(images, 4, 4, "VALID")
     return logits, tf.nn.relu(tf.einsum("bhwc,ck->bhwk", pooled, feature_weights))
 
-  with open(os.path.join(DEMO, "labels.json"), encoding="utf-8") as f:
-    labels = json.load(f)
-  labels["note"] = ("benchmark device (benchmarks/host_ceiling.py): a colour classifier "
-                    "fitted to the demo model's masks; not a model to use")
-  export_saved_model(predict_and_features, [class_weights, feature_weights], out_dir,
-                     labels=labels)
+  _export_device(predict_and_features, [class_weights, feature_weights], out_dir,
+                 "benchmark device (benchmarks/host_ceiling.py): a colour classifier "
+                 "fitted to the demo model's masks; not a model to use")
   return {"fitted_pixel_agreement_with_demo": round(agreement, 4)}
 
 
@@ -94,7 +100,6 @@ def floor_device(out_dir: str) -> None:
   the engine's own work on the device (softmax, class ids, QA sums, pooling) plus next to
   nothing: a floor no device on these cores can go under."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from pipeline.standin.hrnet import export_saved_model  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(1)
   class_weights = tf.Variable(rng.normal(0, 4, (3, 7)).astype(np.float32))
   feature_weights = tf.Variable(rng.normal(0, 0.5, (3, FEATURES)).astype(np.float32))
@@ -104,11 +109,8 @@ def floor_device(out_dir: str) -> None:
     return (tf.einsum("bhwc,ck->bhwk", images, class_weights),
             tf.nn.relu(tf.einsum("bhwc,ck->bhwk", pooled, feature_weights)))
 
-  with open(os.path.join(DEMO, "labels.json"), encoding="utf-8") as f:
-    labels = json.load(f)
-  labels["note"] = "floor device (benchmarks/host_ceiling.py): linear in colour; not a model"
-  export_saved_model(predict_and_features, [class_weights, feature_weights], out_dir,
-                     labels=labels)
+  _export_device(predict_and_features, [class_weights, feature_weights], out_dir,
+                 "floor device (benchmarks/host_ceiling.py): linear in colour; not a model")
 
 
 def shared_call_cost(device_dir: str, side: int = 512, calls: int = 60) -> dict:
