@@ -14,12 +14,16 @@ code and engine; it is never a user engine.
 Reported (bench-report-host.json): host tiles/s per process at the default outputs and
 with confidence, polygons and patches (1000 / the ms a tile spends outside the model's
 calls, from the job's own per-stage times: what a process could feed a free model), the
-end-to-end rates with the device, ms per tile per stage, the scaling from one to two
-worker processes (also as the steady rate of a longer job, start-up left out), the model
-loads counted in the two-process job, the cores each job kept busy (and the bound that
-puts on any scaling here), what a call through the shared model adds a tile with nothing
-contending, a floor device's cost (the engine's own work), and how close the device's
-masks are to the demo model's (pixel agreement, polygons per image).
+end-to-end rates with the device, ms per tile per stage, and the host's scaling from one
+to two worker processes (`two_process_scaling`, with one shared model, and the model
+loads counted): steady rates of jobs on the *replay device* (benchmarks/replay_job.py:
+the device's calls computed once per distinct call over scenes that repeat, so the
+device's cost is off these cores, as a GPU takes it off a worker's). Also: the same
+scaling with the fitted device's cost on these cores (`device_*`), the cores each job
+kept busy (and the bound that puts on any scaling here), what a call through the shared
+model adds a tile with nothing contending, a floor device's cost (the engine's own work),
+and how close the device's masks are to the demo model's (pixel agreement, polygons per
+image).
 """
 import argparse
 import json
@@ -166,12 +170,15 @@ def _cpu_jiffies() -> tuple[int, int]:
   return sum(values) - idle, sum(values)
 
 
-def _run(args: list, workdir: str, name: str) -> dict:
+def _run(args: list, workdir: str, name: str, replay: bool = False) -> dict:
+  """One job in a child process; replay: on the replay device (benchmarks/replay_job.py)."""
   stats = os.path.join(workdir, f"{name}.json")
-  command = [os.path.join(os.path.dirname(sys.executable), "hrnet-beam"), "run",
-             "--progress", "off", "--stats_output", stats] + args
+  launcher = ([sys.executable, "-m", "benchmarks.replay_job"] if replay else
+              [os.path.join(os.path.dirname(sys.executable), "hrnet-beam"), "run"])
+  command = launcher + ["--progress", "off", "--stats_output", stats] + args
   busy_before, all_before = _cpu_jiffies()
-  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False,
+                        env={**os.environ, "PYTHONPATH": REPO})
   busy_after, all_after = _cpu_jiffies()
   if done.returncode:
     raise RuntimeError(f"{name}: {done.stdout[-2000:]}\n{done.stderr[-3000:]}")
@@ -196,6 +203,39 @@ def _run(args: list, workdir: str, name: str) -> dict:
           "polygons": int(polygons.split("Polygons: ")[1].split()[0]) if polygons else None}
 
 
+def _repeated_scenes(scene_dir: str, distinct: int, count: int, out_dir: str) -> str:
+  """count scene files cycling through the first `distinct` scenes (copies, new names)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  names = sorted(f for f in os.listdir(scene_dir)
+                 if f.endswith(".png") and ".labels" not in f)[:distinct]
+  os.makedirs(out_dir, exist_ok=True)
+  for i in range(count):
+    shutil.copy(os.path.join(scene_dir, names[i % len(names)]),
+                os.path.join(out_dir, f"scene_{i:04d}.png"))
+  return os.path.join(out_dir, "scene_*.png")
+
+
+def host_scaling(scene_dir: str, device: str, workdir: str, out: str, lengths: tuple,
+                 configurations: dict) -> dict:
+  """The host's own throughput, one process against two (issue 28, point 4), with the
+  device's cost off these cores: jobs on the replay device over scenes that repeat 4
+  distinct ones, so each distinct call is computed once and the rest replayed (the rows
+  are the model's). The rate is the extra tiles over the extra seconds between two job
+  lengths, which leaves out start-up."""
+  globs = {n: _repeated_scenes(scene_dir, 4, n, os.path.join(workdir, f"repeated_{n}"))
+           for n in lengths}
+  runs, rates = {}, {}
+  for name, flags in configurations.items():
+    short, longer = (_run(["--input", globs[n], "--model", device, "--output",
+                           f"{out}/host_{name}_{n}"] + flags, workdir, f"host_{name}_{n}",
+                          replay=True) for n in lengths)
+    runs[name] = {"short": short, "long": longer}
+    rates[name] = ((longer["tiles"] - short["tiles"])
+                   / (longer["wall_seconds"] - short["wall_seconds"]))
+  return {"scene_counts": list(lengths), "distinct_scenes": 4, "runs": runs,
+          "steady_tiles_per_s": {k: round(v, 1) for k, v in rates.items()}}
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--scenes", type=int, default=16)
@@ -203,6 +243,9 @@ def main(argv=None) -> int:
   parser.add_argument("--long_scenes", type=int, default=48,
                       help="scenes of a longer job per configuration: the rate between the "
                            "two lengths leaves out start-up (0: skip)")
+  parser.add_argument("--host_scenes", default="64,768",
+                      help="scene counts (short,long) of the replay device's jobs that "
+                           "measure the host's scaling from one to two processes")
   parser.add_argument("--report", default="bench-report-host.json")
   parser.add_argument("--workdir", default=None)
   args = parser.parse_args(argv)
@@ -219,6 +262,7 @@ def main(argv=None) -> int:
   everything = ["--outputs", "masks,features,confidence", "--polygons_output",
                 f"{out}/polygons", "--patch_output", f"{out}/patches"]
   two = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
+  one_worker = ["--direct_num_workers", "1", "--direct_running_mode", "multi_processing"]
   report["default"] = _run(base + ["--output", f"{out}/d1"], workdir, "default")
   report["all"] = _run(base + ["--output", f"{out}/a1"] + everything, workdir, "all")
   # Two processes sharing one model (Beam's MultiProcessShared: one load for the machine,
@@ -241,14 +285,31 @@ def main(argv=None) -> int:
   # (its per-tile work outside the model's calls, from the job's own stage times).
   report["host_tiles_per_s_default"] = report["default"]["host_tiles_per_s"]
   report["host_tiles_per_s_all"] = report["all"]["host_tiles_per_s"]
-  report["two_process_scaling"] = round(report["default_two_processes"]["tiles_per_s_end_to_end"]
-                                        / report["default"]["tiles_per_s_end_to_end"], 3)
-  report["model_loads_two_processes"] = report["default_two_processes"]["model_loads"]
-  report["two_process_scaling_unshared"] = round(
+  # Point 4: the host's throughput with two processes against one, the device's cost
+  # taken off these cores (the replay device), with one shared model and with a model each.
+  host = host_scaling(scenes, device, workdir, out,
+                      tuple(int(n) for n in args.host_scenes.split(",")),
+                      {"one_process": [], "one_worker_process": one_worker,
+                       "two_processes_shared": two + shared, "two_processes_unshared": two})
+  report["host_scaling"] = host
+  rates = host["steady_tiles_per_s"]
+  # One process two ways (the job in the launcher's process, the default; one worker
+  # process beside the launcher, as `two` runs two): the faster is the baseline.
+  one = max(rates["one_process"], rates["one_worker_process"])
+  report["two_process_scaling"] = round(rates["two_processes_shared"] / one, 3)
+  report["model_loads_two_processes"] = host["runs"]["two_processes_shared"]["long"]["model_loads"]
+  report["two_process_scaling_unshared"] = round(rates["two_processes_unshared"] / one, 3)
+  report["model_loads_two_processes_unshared"] = (
+      host["runs"]["two_processes_unshared"]["long"]["model_loads"])
+  report["host_model_ms_per_tile"] = {   # what a replayed call costs the callers a tile
+      name: runs["long"]["ms_per_tile"]["model"] for name, runs in host["runs"].items()}
+  # The same with the fitted device's cost on these cores, end to end (start-up included).
+  report["device_two_process_scaling_end_to_end"] = round(
+      report["default_two_processes"]["tiles_per_s_end_to_end"]
+      / report["default"]["tiles_per_s_end_to_end"], 3)
+  report["device_two_process_scaling_end_to_end_unshared"] = round(
       report["default_two_processes_unshared"]["tiles_per_s_end_to_end"]
       / report["default"]["tiles_per_s_end_to_end"], 3)
-  report["model_loads_two_processes_unshared"] = (
-      report["default_two_processes_unshared"]["model_loads"])
   # A call through the shared model against one in the process, per tile (the model
   # stage's time as the callers see it, summed over both processes).
   report["model_ms_per_tile"] = {
@@ -258,9 +319,13 @@ def main(argv=None) -> int:
   report["shared_call_ms_per_tile"] = report["shared_call"]["added_ms"]
   report["floor_model_ms_per_tile"] = report["floor_device_default"]["ms_per_tile"]["model"]
   # Two processes can at best use every core: if one process already keeps `cores_busy`
-  # of them busy, no split of the same work runs more than cores / cores_busy faster.
-  report["two_process_scaling_bound"] = round(
+  # of them busy, no split of the same work runs more than cores / cores_busy faster
+  # (with the fitted device's cost on the cores, and with the replay device).
+  report["device_two_process_scaling_bound"] = round(
       os.cpu_count() / report["default"]["cores_busy"], 2)
+  report["two_process_scaling_bound"] = round(os.cpu_count() / min(
+      host["runs"][name]["long"]["cores_busy"] for name in ("one_process",
+                                                             "one_worker_process")), 2)
   if args.long_scenes:
     # Start-up (the launcher, then each worker importing TensorFlow and loading a model)
     # dominates a 16-scene job; the extra tiles over the extra seconds of a longer one
@@ -278,10 +343,10 @@ def main(argv=None) -> int:
       report[f"long_{name}"] = longer
       rates[name] = ((longer["tiles"] - report[short]["tiles"])
                      / (longer["wall_seconds"] - report[short]["wall_seconds"]))
-    report["steady_tiles_per_s"] = {k: round(v, 1) for k, v in rates.items()}
-    report["two_process_steady_scaling"] = round(
+    report["device_steady_tiles_per_s"] = {k: round(v, 1) for k, v in rates.items()}
+    report["device_two_process_steady_scaling"] = round(
         rates["two_processes_shared"] / rates["one_process"], 3)
-    report["two_process_steady_scaling_unshared"] = round(
+    report["device_two_process_steady_scaling_unshared"] = round(
         rates["two_processes_unshared"] / rates["one_process"], 3)
   report["polygons_per_image"] = {
       "device": report["all"]["polygons"] / args.scenes,
