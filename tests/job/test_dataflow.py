@@ -50,7 +50,13 @@ def test_readme_gpu_command_translates_to_the_expected_job(gcs, bucket, tiny_mod
       proto_pipeline_staged_url=f"{bucket}/staging/pipeline.pb",
       proto_pipeline=job.proto_pipeline).proto
   assert list(environment.service_options) == _flag(args, "--dataflow_service_options")
-  assert {"use_runner_v2", "no_use_multiple_sdk_containers"} <= set(environment.experiments)
+  # Several SDK processes a worker do the host's work, one model serves them all
+  # (benchmarks/host_ceiling.py's `two_process_scaling`): the share must survive translation.
+  assert "use_runner_v2" in environment.experiments
+  assert "no_use_multiple_sdk_containers" not in environment.experiments
+  translated = job.options.get_all_options()
+  assert translated["share_model_across_processes"] is True
+  assert translated["model_copies"] == 1
   assert environment.worker_pools[0].machine_type == "g2-standard-8"
   image = _flag(args, "--sdk_container_image")[0]
   images = [e.payload for e in job.proto_pipeline.components.environments.values()]
