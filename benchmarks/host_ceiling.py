@@ -63,13 +63,25 @@ def _export_device(predict_and_features, variables, out_dir: str, note: str) -> 
   export_saved_model(predict_and_features, variables, out_dir, labels=labels)
 
 
+def _scene_names(scene_dir: str) -> list:
+  """The scenes' image files (not their label files), sorted."""
+  return sorted(f for f in os.listdir(scene_dir) if f.endswith(".png") and ".labels" not in f)
+
+
+def _steady_rate(short: dict, longer: dict) -> float:
+  """Tiles/s between two runs of one configuration: the extra tiles over the extra
+  seconds, which leaves out start-up."""
+  return ((longer["tiles"] - short["tiles"])
+          / (longer["wall_seconds"] - short["wall_seconds"]))
+
+
 def fit_device(scene_dir: str, out_dir: str) -> dict:
   """Fits the device's classifier to the demo model's masks and exports it."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
   demo = tf.saved_model.load(DEMO)
   xs, ys = [], []
-  names = sorted(f for f in os.listdir(scene_dir) if f.endswith(".png") and ".labels" not in f)
+  names = _scene_names(scene_dir)
   for name in names[:4]:
     image = np.asarray(Image.open(os.path.join(scene_dir, name)).convert("RGB"),
                        np.float32)[None] / 255
@@ -206,8 +218,7 @@ def _run(args: list, workdir: str, name: str, replay: bool = False) -> dict:
 def _repeated_scenes(scene_dir: str, distinct: int, count: int, out_dir: str) -> str:
   """count scene files cycling through the first `distinct` scenes (copies, new names)."""
   import shutil  # pylint: disable=import-outside-toplevel
-  names = sorted(f for f in os.listdir(scene_dir)
-                 if f.endswith(".png") and ".labels" not in f)[:distinct]
+  names = _scene_names(scene_dir)[:distinct]
   os.makedirs(out_dir, exist_ok=True)
   for i in range(count):
     shutil.copy(os.path.join(scene_dir, names[i % len(names)]),
@@ -230,8 +241,7 @@ def host_scaling(scene_dir: str, device: str, workdir: str, out: str, lengths: t
                            f"{out}/host_{name}_{n}"] + flags, workdir, f"host_{name}_{n}",
                           replay=True) for n in lengths)
     runs[name] = {"short": short, "long": longer}
-    rates[name] = ((longer["tiles"] - short["tiles"])
-                   / (longer["wall_seconds"] - short["wall_seconds"]))
+    rates[name] = _steady_rate(short, longer)
   return {"scene_counts": list(lengths), "distinct_scenes": 4, "runs": runs,
           "steady_tiles_per_s": {k: round(v, 1) for k, v in rates.items()}}
 
@@ -341,8 +351,7 @@ def main(argv=None) -> int:
       longer = _run(long_base + ["--output", f"{out}/long_{name}"] + flags, workdir,
                     f"long_{name}")
       report[f"long_{name}"] = longer
-      rates[name] = ((longer["tiles"] - report[short]["tiles"])
-                     / (longer["wall_seconds"] - report[short]["wall_seconds"]))
+      rates[name] = _steady_rate(report[short], longer)
     report["device_steady_tiles_per_s"] = {k: round(v, 1) for k, v in rates.items()}
     report["device_two_process_steady_scaling"] = round(
         rates["two_processes_shared"] / rates["one_process"], 3)

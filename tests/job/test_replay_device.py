@@ -38,7 +38,8 @@ def test_a_job_on_the_replay_device_writes_the_rows_of_the_model(tiny_model, tmp
   for copy in ("a1", "a2", "b1"):   # the same pixels under other names
     shutil.copy(scenes / f"{copy[0]}0.png", scenes / f"{copy}.png")
   flags = ["--input", str(scenes / "*.png"), "--model", tiny_model, "--model_cache_dir",
-           str(tmp_path / "cache"), "--tile_size", "96", "--tile_overlap", "32", "--progress", "off"]
+           str(tmp_path / "cache"), "--tile_size", "96", "--tile_overlap", "32",
+           "--progress", "off"]
   run_job(*flags, "--output", tmp_path / "model" / "rows")
   ReplayModel.loaded.clear()
   assert replay_main(flags + ["--output", str(tmp_path / "replay" / "rows")]) == 0
@@ -46,7 +47,8 @@ def test_a_job_on_the_replay_device_writes_the_rows_of_the_model(tiny_model, tmp
   counts = ReplayModel.loaded[0].call_counts()
   assert counts["replayed"] > 0 and counts["computed"] > 0
   assert counts["replayed"] >= counts["computed"]   # 5 scenes, 2 distinct
-  expected, replayed = read_rows(tmp_path / "model" / "rows"), read_rows(tmp_path / "replay" / "rows")
+  expected = read_rows(tmp_path / "model" / "rows")
+  replayed = read_rows(tmp_path / "replay" / "rows")
   assert sorted(replayed) == sorted(expected) and len(expected) == 5
   for image_id, row in expected.items():
     assert replayed[image_id]["mask_png"] == row["mask_png"]
