@@ -1,14 +1,12 @@
 """Tiling, inference through RunInference, and stitching tile results into one row per image."""
 from __future__ import annotations
 
-import io
 import logging
 
 import numpy as np
 import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.transforms.window import GlobalWindows
-from PIL import Image
 
 from transforms.budget import ErrorBudget
 from transforms.config import GRID_FIT, InferenceConfig, ModelConfig, TilingConfig
@@ -16,6 +14,7 @@ from transforms.embeddings.patches import add_patch_sums, class_fractions, image
 from transforms.inference.confidence import image_qa
 from transforms.inference.handler import HRNetModelHandler
 from transforms.metrics import METRICS_NAMESPACE
+from transforms.pngs import encode_png
 from transforms.timing import StageClock, timed_iter
 from transforms.progress import ProgressConfig, ProgressReporter
 from transforms.types import NODATA_CLASS
@@ -32,10 +31,7 @@ ERRORS = "errors"
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
   """8-bit single-channel PNG whose pixel values are class indices."""
-  buffer = io.BytesIO()
-  # Masks are long runs of few values: fast compression loses little size here.
-  Image.fromarray(mask, mode="L").save(buffer, format="PNG", compress_level=1)
-  return buffer.getvalue()
+  return encode_png(mask)
 
 
 def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model: ModelConfig,
@@ -52,17 +48,18 @@ def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model: Mode
     if counts[num_classes:NODATA_CLASS].any():
       raise ValueError(f"mask has class id {np.flatnonzero(counts[num_classes:])[0] + num_classes}"
                        f" but the model has {num_classes}")
-    mask_png = encode_mask_png(mask)
+    # Kept with their arrays: polygons and GeoTIFFs fused after the stitch need no decode.
+    mask_png = encode_png(mask, keep=True)
     class_counts = counts[:num_classes].astype(np.int64).tolist()
     fractions = class_fractions(class_counts, model.labels.class_names, counted)
     qa.update(image_qa(np.sum([p.qa_sums for p in parts], axis=0),
                        np.sum([p.class_confidence_sums for p in parts], axis=0),
                        counts[:num_classes], counted))
     if inference.want_confidence:
-      qa["confidence_png"] = encode_mask_png(stitch_mask(
-          image.height, image.width, [(p.spec, p.confidence) for p in parts]))
+      qa["confidence_png"] = encode_png(stitch_mask(
+          image.height, image.width, [(p.spec, p.confidence) for p in parts]), keep=True)
     if inference.ignore_below is not None:
-      qa["pseudo_label_png"] = encode_mask_png(stitch_mask(
+      qa["pseudo_label_png"] = encode_png(stitch_mask(
           image.height, image.width, [(p.spec, p.pseudo_labels) for p in parts]))
   if inference.want_features:
     if counted:

@@ -3,15 +3,14 @@ raster's CRS; regions of a raster read by blocks are merged across block edges."
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from typing import Optional
 
 import apache_beam as beam
-import numpy as np
 
 from transforms.config import PolygonConfig
 from transforms.metrics import METRICS_NAMESPACE
+from transforms.pngs import decode_png
 from transforms.timing import StageClock, timed_iter
 from transforms.polygons.vectorize import finish, merge_parts, metres_per_unit, polygonize
 from transforms.types import PolygonBatch, PolygonFeature, PolygonPart, Segmentation
@@ -42,11 +41,6 @@ def raster_transform(row: Segmentation) -> Optional[tuple]:
   a, b, c, d, e, f = row.transform[:6]
   y, x = row.block_y or 0, row.block_x or 0
   return (a, b, c - a * x - b * y, d, e, f - d * x - e * y)
-
-
-def _decode_png(data: Optional[bytes]) -> Optional[np.ndarray]:
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  return None if data is None else np.asarray(Image.open(io.BytesIO(data)))
 
 
 def _batch(parts: list[PolygonPart], context: tuple, config: PolygonConfig,
@@ -94,7 +88,7 @@ class _PolygonizeFn(beam.DoFn):
       context = (row.source if blocked else row.image_id, row.source, row.crs_wkt,
                  row.crs_epsg, transform)
       parts = polygonize(
-          _decode_png(row.mask_png), _decode_png(row.confidence_png), self._config,
+          decode_png(row.mask_png), decode_png(row.confidence_png), self._config,
           offset=(row.block_y or 0, row.block_x or 0),
           seams=(bool(row.block_y), blocked, bool(row.block_x), blocked))
       seams = [((row.source, part.class_id), (part, context)) for part in parts

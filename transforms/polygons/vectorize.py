@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Optional
 
@@ -49,7 +50,9 @@ def polygonize(mask: np.ndarray, confidence: Optional[np.ndarray], config: Polyg
   mask = denoise(mask, valid, config.denoise_px)
   oy, ox = offset
   to_raster = Affine(1, 0, ox, 0, 1, oy)
-  traced = list(shapes(mask, mask=valid, connectivity=4, transform=to_raster))
+  # Without a mask where every pixel is valid: the same polygons, without GDAL's mask band.
+  traced = list(shapes(mask, mask=None if valid.all() else valid, connectivity=4,
+                       transform=to_raster))
   coords, ring_offsets, polygon_offsets = ragged_rings([g for g, _ in traced])
   geometries = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords,
                                          (ring_offsets, polygon_offsets))
@@ -80,15 +83,20 @@ def polygonize(mask: np.ndarray, confidence: Optional[np.ndarray], config: Polyg
 def ragged_rings(polygons: list) -> tuple:
   """GeoJSON-like Polygon mappings -> (coordinates (N, 2) float64, ring offsets, polygon
   offsets): shapely's ragged-array layout, so all polygons are built in one call
-  (shapely.from_ragged_array) rather than one Python object graph each."""
+  (shapely.from_ragged_array) rather than one Python object graph each. The vertices
+  are read into one array in one pass, not an array per ring."""
   if not polygons:
     return np.empty((0, 2)), np.zeros(1, np.int64), np.zeros(1, np.int64)
-  rings = [np.asarray(ring, dtype=np.float64) for polygon in polygons
-           for ring in polygon["coordinates"]]
-  ring_offsets = np.concatenate([[0], np.cumsum([len(r) for r in rings])])
-  polygon_offsets = np.concatenate(
-      [[0], np.cumsum([len(polygon["coordinates"]) for polygon in polygons])])
-  return np.concatenate(rings), ring_offsets, polygon_offsets
+  chain = itertools.chain.from_iterable
+  rings = [ring for polygon in polygons for ring in polygon["coordinates"]]
+  ring_offsets = np.zeros(len(rings) + 1, np.int64)
+  np.cumsum(np.fromiter(map(len, rings), np.int64, len(rings)), out=ring_offsets[1:])
+  polygon_offsets = np.zeros(len(polygons) + 1, np.int64)
+  np.cumsum(np.fromiter((len(p["coordinates"]) for p in polygons), np.int64, len(polygons)),
+            out=polygon_offsets[1:])
+  count = int(ring_offsets[-1])
+  coords = np.fromiter(chain(chain(rings)), np.float64, 2 * count).reshape(count, 2)
+  return coords, ring_offsets, polygon_offsets
 
 
 def summed_area_table(values: np.ndarray) -> np.ndarray:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import logging
 import re
 
@@ -13,6 +12,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.metrics import METRICS_NAMESPACE
+from transforms.pngs import decode_png
 from transforms.types import NODATA_CLASS, GeoReference, Segmentation
 
 __all__ = ["WriteMaskGeoTiffs"]
@@ -75,12 +75,9 @@ class _MaskGeoTiffFn(beam.DoFn):
     if row.transform is None or row.mask_png is None:
       yield row
       return
-    from PIL import Image  # pylint: disable=import-outside-toplevel
     path = f"{self._directory}/{mask_geotiff_name(row.image_id, row.source)}"
     try:
-      mask = np.asarray(Image.open(io.BytesIO(row.mask_png)))
-      confidence = (None if row.confidence_png is None else
-                    np.asarray(Image.open(io.BytesIO(row.confidence_png))))
+      mask, confidence = decode_png(row.mask_png), decode_png(row.confidence_png)
       data = mask_geotiff_bytes(mask, GeoReference(row.crs_wkt, row.crs_epsg,
                                                    tuple(row.transform)), self._palette,
                                 confidence)
