@@ -168,6 +168,26 @@ def test_vectorised_finish_and_order_are_byte_identical_to_one_at_a_time(
     assert [g is None for g in got] == [p.pixels < min_area for p in parts]
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 48), st.integers(2, 48), st.integers(0, 10_000),
+       st.floats(0.05, 0.95), st.sampled_from([0.0, 1.5]))
+def test_traced_parts_are_valid_so_finish_may_skip_their_check(height, width, seed, density,
+                                                               simplify):
+  """finish(traced=True) skips is_valid on unsimplified parts: it relies on GDAL's
+  4-connected traces being valid polygons, here on salt-and-pepper masks full of
+  diagonal pinches (a ring of one class around a pixel that touches the outside at a
+  corner), with nodata, and gives what the checked path gives."""
+  rng = np.random.default_rng(seed)
+  mask = np.where(rng.random((height, width)) < density,
+                  rng.integers(0, 3, (height, width)), 0).astype(np.uint8)
+  mask[rng.random((height, width)) < 0.05] = NODATA_CLASS
+  parts = polygonize(mask, None, PolygonConfig())
+  assert shapely.is_valid(shapely.from_wkb([p.geometry_wkb for p in parts])).all()
+  config = PolygonConfig(simplify_px=simplify)
+  checked = finish(parts, config, None, None)
+  assert finish(parts, config, None, None, traced=True) == checked
+
+
 def test_region_sums_read_pixels_and_values_off_the_rings_holes_subtracted():
   values = np.arange(12 * 10, dtype=np.int64).reshape(12, 10) % 251
   # A ring of pixels rows 2..8, columns 1..6, with a hole rows 4..5, columns 3..4, placed

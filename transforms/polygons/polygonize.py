@@ -44,11 +44,13 @@ def raster_transform(row: Segmentation) -> Optional[tuple]:
 
 
 def _batch(parts: list[PolygonPart], context: tuple, config: PolygonConfig,
-           class_names: tuple) -> PolygonBatch:
-  """Final parts -> one PolygonBatch of their PolygonFeatures (those that survive)."""
+           class_names: tuple, traced: bool = False) -> PolygonBatch:
+  """Final parts -> one PolygonBatch of their PolygonFeatures (those that survive);
+  traced: polygonize's own parts, not merged (see finish)."""
   image_id, source, crs_wkt, crs_epsg, transform = context
   key = crs_key(crs_wkt, crs_epsg, transform)
-  done = finish(parts, config, transform, metres_per_unit(crs_wkt) if transform else None)
+  done = finish(parts, config, transform, metres_per_unit(crs_wkt) if transform else None,
+                traced)
   features = []
   for part, final in zip(parts, done):
     if final is None:
@@ -94,7 +96,7 @@ class _PolygonizeFn(beam.DoFn):
       seams = [((row.source, part.class_id), (part, context)) for part in parts
                if part.on_seam]
       batch = _batch([part for part in parts if not part.on_seam], context, self._config,
-                     self._class_names)
+                     self._class_names, traced=True)
     except Exception as e:  # pylint: disable=broad-except
       self._failed.inc()
       logger.warning("Polygons of %s not written: %s: %s", row.image_id, type(e).__name__, e)

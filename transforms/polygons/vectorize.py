@@ -220,10 +220,14 @@ class Finished:
 
 
 def finish(parts: list[PolygonPart], config: PolygonConfig, transform: Optional[tuple],
-           metres: Optional[float]) -> list[Optional[Finished]]:
+           metres: Optional[float], traced: bool = False) -> list[Optional[Finished]]:
   """Final parts -> one Finished per part, after simplification, or None where the part
   is below --min_polygon_area or simplifies to nothing. Built over the whole array with
-  shapely's vectorised functions; only an invalid polygon is repaired on its own."""
+  shapely's vectorised functions; only an invalid polygon is repaired on its own.
+
+  traced: the parts are polygonize's own, unmerged. GDAL's 4-connected traces are valid
+  polygons (a pinch becomes a hole touching its shell at one vertex; tests/polygons check
+  it over random masks), so without simplification their validity check is skipped."""
   import shapely  # pylint: disable=import-outside-toplevel
   results: list = [None] * len(parts)
   keep = [i for i, p in enumerate(parts) if p.pixels >= config.min_area_px]
@@ -232,7 +236,8 @@ def finish(parts: list[PolygonPart], config: PolygonConfig, transform: Optional[
   geometries = shapely.from_wkb([parts[i].geometry_wkb for i in keep])
   if config.simplify_px > 0:
     geometries = shapely.simplify(geometries, config.simplify_px, preserve_topology=True)
-  for j in np.flatnonzero(~shapely.is_valid(geometries)):
+  checked = config.simplify_px > 0 or not traced
+  for j in np.flatnonzero(~shapely.is_valid(geometries)) if checked else ():
     pieces = _polygons(shapely.make_valid(geometries[j]))
     geometries[j] = max(pieces, key=lambda g: g.area) if pieces else None
   alive = ~(shapely.is_missing(geometries) | shapely.is_empty(geometries))
