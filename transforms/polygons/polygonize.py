@@ -12,7 +12,8 @@ from transforms.config import PolygonConfig
 from transforms.metrics import METRICS_NAMESPACE
 from transforms.pngs import decode_png
 from transforms.timing import StageClock, timed_iter
-from transforms.polygons.vectorize import finish, merge_parts, metres_per_unit, polygonize
+from transforms.polygons.vectorize import (finish, merge_parts, metres_per_unit, polygonize,
+                                          preload)
 from transforms.types import PolygonBatch, PolygonFeature, PolygonPart, Segmentation
 
 __all__ = ["PolygonizeMasks", "crs_key"]
@@ -78,6 +79,9 @@ class _PolygonizeFn(beam.DoFn):
     self._polygons = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "polygons")
     self._failed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "polygons_failed")
 
+  def setup(self):
+    preload()
+
   def process(self, row: Segmentation):
     yield from timed_iter(self._clock, self._process(row))
 
@@ -117,6 +121,9 @@ class _MergeSeamsFn(beam.DoFn):
     self._class_names = tuple(class_names)
     self._polygons = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "polygons")
     self._failed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "polygons_failed")
+
+  def setup(self):
+    preload()
 
   def process(self, element):
     yield from timed_iter(self._clock, self._process(element))

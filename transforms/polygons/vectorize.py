@@ -19,6 +19,16 @@ from transforms.config import PolygonConfig
 from transforms.types import NODATA_CLASS, PolygonPart
 
 
+def preload() -> None:
+  """Imports what tracing, merging and finishing polygons use (rasterio's GDAL, shapely,
+  pyproj): a DoFn's setup() calls it, so no element's time pays for the imports."""
+  # pylint: disable=import-outside-toplevel,unused-import
+  import affine  # noqa: F401
+  import pyproj  # noqa: F401
+  import rasterio.features  # noqa: F401
+  import shapely  # noqa: F401
+
+
 def denoise(mask: np.ndarray, valid: np.ndarray, size: int) -> np.ndarray:
   """GDAL's sieve: regions of fewer than `size` pixels (4-connected) take the class of
   their largest neighbour. Nodata pixels are neither sieved nor given to a region."""
