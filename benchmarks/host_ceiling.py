@@ -215,6 +215,12 @@ def _run(args: list, workdir: str, name: str, replay: bool = False) -> dict:
           "polygons": int(polygons.split("Polygons: ")[1].split()[0]) if polygons else None}
 
 
+def _median_run(runs: list) -> dict:
+  """The run whose host rate is the median (the lower middle of an even count)."""
+  ordered = sorted(runs, key=lambda r: r["host_tiles_per_s"])
+  return ordered[(len(ordered) - 1) // 2]
+
+
 def _repeated_scenes(scene_dir: str, distinct: int, count: int, out_dir: str) -> str:
   """count scene files cycling through the first `distinct` scenes (copies, new names)."""
   import shutil  # pylint: disable=import-outside-toplevel
@@ -256,6 +262,9 @@ def main(argv=None) -> int:
   parser.add_argument("--host_scenes", default="64,768",
                       help="scene counts (short,long) of the replay device's jobs that "
                            "measure the host's scaling from one to two processes")
+  parser.add_argument("--repeats", type=int, default=3,
+                      help="runs of one process at the default and at all outputs; the "
+                           "median run is reported")
   parser.add_argument("--report", default="bench-report-host.json")
   parser.add_argument("--workdir", default=None)
   args = parser.parse_args(argv)
@@ -273,8 +282,13 @@ def main(argv=None) -> int:
                 f"{out}/polygons", "--patch_output", f"{out}/patches"]
   two = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
   one_worker = ["--direct_num_workers", "1", "--direct_running_mode", "multi_processing"]
-  report["default"] = _run(base + ["--output", f"{out}/d1"], workdir, "default")
-  report["all"] = _run(base + ["--output", f"{out}/a1"] + everything, workdir, "all")
+  # One process's host rate moves 10-20% run to run on a shared 2-core VM: each set of
+  # outputs runs `--repeats` times and the run with the median rate is reported.
+  for name, flags in (("default", []), ("all", everything)):
+    runs = [_run(base + ["--output", f"{out}/{name}{i}"] + flags, workdir, f"{name}{i}")
+            for i in range(args.repeats)]
+    report[f"{name}_runs_host_tiles_per_s"] = [r["host_tiles_per_s"] for r in runs]
+    report[name] = _median_run(runs)
   # Two processes sharing one model (Beam's MultiProcessShared: one load for the machine,
   # calls by RPC), the configuration point 4 asks for; and two with a model each.
   shared = ["--share_model_across_processes", "--model_copies", "1"]
