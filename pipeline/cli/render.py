@@ -21,6 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageDraw
 
 from transforms.exports.rows import row_files
+from transforms.pngs import decode_png
 from transforms.reading.decode import decode_image
 
 
@@ -80,7 +81,7 @@ def render(prefix: str, out_dir: str, alpha: float = 0.45, confidence: bool = Fa
         continue
       with _open(row["source"]) as f:
         image = decode_image(f.read(), 10**9)
-      mask = np.asarray(Image.open(io.BytesIO(row["mask_png"])))
+      mask = decode_png(row["mask_png"])
       name = os.path.splitext(os.path.basename(row["source"]))[0]
       path = os.path.join(out_dir, f"{name}.overlay.png")
       overlay(image, mask, palette, names, alpha).save(path)
@@ -90,8 +91,7 @@ def render(prefix: str, out_dir: str, alpha: float = 0.45, confidence: bool = Fa
           raise ValueError(f"{file} has no confidence_png: run the job with --outputs "
                            "masks,confidence")
         path = os.path.join(out_dir, f"{name}.confidence.png")
-        confidence_overlay(image, np.asarray(Image.open(io.BytesIO(
-            row["confidence_png"])))).save(path)
+        confidence_overlay(image, decode_png(row["confidence_png"])).save(path)
         written.append(path)
   return written
 

@@ -4,16 +4,15 @@
 """
 import argparse
 import glob
-import io
 import json
 import sys
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image
 
 from pipeline.job.outputs import ERRORS_NAME, is_directory
 from transforms.exports.rows import row_files
+from transforms.pngs import decode_png
 
 
 def main(argv=None, prog: str | None = None) -> int:
@@ -46,7 +45,7 @@ def main(argv=None, prog: str | None = None) -> int:
     for row in pq.read_table(file).to_pylist():
       line = f"  {row['image_id']}: {row['width']}x{row['height']}"
       if row["mask_png"] is not None:
-        mask = np.asarray(Image.open(io.BytesIO(row["mask_png"])))
+        mask = decode_png(row["mask_png"])
         counts = np.asarray(row["class_counts"])
         top = np.argsort(counts)[::-1][:3]
         share = ", ".join(f"{names[i] if i < len(names) else i} {counts[i] / mask.size:.0%}"

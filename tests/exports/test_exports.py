@@ -171,7 +171,7 @@ def test_export_to_gcs_and_through_the_command(job, bucket):
 
 def test_export_streams_rows_with_bounded_memory(tmp_path):
   """1000 rows of 256 x 256 masks (65 MB decoded) exported with far less held."""
-  from transforms.inference.segment import encode_mask_png  # pylint: disable=import-outside-toplevel
+  from transforms.pngs import encode_png  # pylint: disable=import-outside-toplevel
   from transforms.writing.parquet import _FIELDS  # pylint: disable=import-outside-toplevel
   labels = packaged_labels("isprs")
   schema = pa.schema(_FIELDS, metadata={
@@ -179,7 +179,7 @@ def test_export_streams_rows_with_bounded_memory(tmp_path):
       "hrnet_beam.palette": json.dumps([list(c) for c in labels.palette]),
       "hrnet_beam.model": "synthetic"})
   rng = np.random.default_rng(0)
-  masks = [encode_mask_png(np.repeat(np.repeat(rng.integers(0, 7, (16, 16)), 16, 0), 16, 1)
+  masks = [encode_png(np.repeat(np.repeat(rng.integers(0, 7, (16, 16)), 16, 0), 16, 1)
                            .astype(np.uint8)) for _ in range(8)]
   with pq.ParquetWriter(str(tmp_path / "rows-00000-of-00001.parquet"), schema) as writer:
     for start in range(0, 1000, 200):

@@ -8,7 +8,6 @@ problem record naming it. Memory does not grow with the number of images.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from typing import Optional
 
@@ -21,7 +20,7 @@ from transforms.evaluation.metrics import Taxonomy, Totals
 from transforms.evaluation.truth import (UNLABELLED, decode_mask_image,
                                          decode_tool_file, match_key, read_bytes)
 from transforms.metrics import METRICS_NAMESPACE
-from transforms.inference.segment import encode_mask_png
+from transforms.pngs import decode_png, encode_png
 from transforms.types import NODATA_CLASS, TruthRef
 
 __all__ = ["ReadTruth", "EvaluateSegmentations", "per_image_schema", "ROW_COLUMNS",
@@ -37,17 +36,11 @@ UNDECODABLE, SIZE, UNKNOWN_IDS = "truth_does_not_decode", "size_mismatch", "unkn
 NO_MASK, BLOCK, NOTHING = "row_without_mask", "block_row", "no_pixel_to_compare"
 
 
-def _unpng(data: bytes) -> np.ndarray:
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  with Image.open(io.BytesIO(data)) as image:
-    return np.asarray(image)
-
-
 def _tool_refs(path: str, fmt: str, class_names: tuple, suffix: str):
   for item in decode_tool_file(fmt, path, class_names):
     key = match_key(item.image_id or item.name, suffix)
     yield key, TruthRef(f"{path}#{item.name}", item.image_id, None,
-                        None if item.mask is None else encode_mask_png(item.mask), item.error)
+                        None if item.mask is None else encode_png(item.mask), item.error)
 
 
 class ReadTruth(beam.PTransform):
@@ -132,7 +125,7 @@ def evaluate_pair(row: dict, truth: TruthRef, taxonomy: Taxonomy, ignore_value: 
     return _problem(UNDECODABLE, truth.error, image_id, origin)
   try:
     mask = (decode_mask_image(read_bytes(truth.path)) if truth.path is not None
-            else _unpng(truth.mask_png))
+            else decode_png(truth.mask_png))
   except Exception as e:  # pylint: disable=broad-except  # named, and the rest goes on
     return _problem(UNDECODABLE, f"does not decode: {e}", image_id, origin)
   if mask.shape != (row["height"], row["width"]):
@@ -146,8 +139,8 @@ def evaluate_pair(row: dict, truth: TruthRef, taxonomy: Taxonomy, ignore_value: 
                     f"truth's {known} classes (ignore value {ignore})", image_id, origin)
   if ignore < known:
     mask = np.where(mask == ignore, UNLABELLED, mask).astype(np.uint8)
-  predicted = _unpng(row["mask_png"])
-  confidence = None if row.get("confidence_png") is None else _unpng(row["confidence_png"])
+  predicted = decode_png(row["mask_png"])
+  confidence = None if row.get("confidence_png") is None else decode_png(row["confidence_png"])
   sums = metrics.image_sums(predicted, mask, taxonomy, confidence)
   if not sums.pixels:
     return _problem(NOTHING, "no pixel is labelled in the truth and valid in the row",

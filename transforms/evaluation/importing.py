@@ -14,7 +14,7 @@ from transforms.evaluation.truth import (UNLABELLED, decode_tool_file, match_key
                                          tool_classes, tool_colours)
 from transforms.exports.rows import create
 from transforms.labels import LabelSet, generic_labels, read_labels
-from transforms.inference.segment import encode_mask_png
+from transforms.pngs import encode_png
 from transforms.types import GeoReference
 
 MASKS = "masks"
@@ -96,7 +96,7 @@ def import_labels(fmt: str, path: str, to: str, truth_labels: Optional[str] = No
       data, name = mask_geotiff_bytes(item.mask, reference, labels.palette), f"{stem}.tif"
       geotiffs += 1
     else:
-      data, name = encode_mask_png(item.mask), f"{stem}.png"
+      data, name = encode_png(item.mask), f"{stem}.png"
     with create(f"{to}/{MASKS}/{name}", "image/tiff" if name.endswith(".tif")
                 else "image/png") as f:
       f.write(data)

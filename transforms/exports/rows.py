@@ -4,7 +4,6 @@ common directory."""
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import posixpath
 import re
@@ -15,6 +14,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from transforms.pngs import decode_png
 from transforms.types import NODATA_CLASS
 
 ROWS_NAME = "segmentations"   # an output directory's rows: segmentations-<run>-...
@@ -121,7 +121,6 @@ def export_rows(info: OutputInfo, which: str = MASK,
   Blocks of rasters too big to decode whole are not images an annotation tool can open:
   they are skipped (counted in skipped['blocks']); --polygons_output serves them.
   """
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   skipped = {} if skipped is None else skipped
   root, skipped["blocks"] = None, 0
   for row in _batches(info.files, ["image_id", "block_y"]):   # names need the common root
@@ -144,7 +143,7 @@ def export_rows(info: OutputInfo, which: str = MASK,
           f"{row['image_id']} has no {column}: " +
           ("run the job with masks in --outputs" if which == MASK else
            "run the job with --ignore_below to have pseudo-labels"))
-    mask = np.asarray(Image.open(io.BytesIO(row[column])))
+    mask = decode_png(row[column])
     if which == PSEUDO and info.ignore_value is not None:
       mask = np.where(mask == info.ignore_value, NODATA_CLASS, mask).astype(np.uint8)
     name, file_name = _names(row["image_id"], root)

@@ -55,7 +55,7 @@ def labeled_images(image_patterns, truth_patterns, truth_format: Optional[str],
                    class_names: tuple, suffix: str = "") -> tuple:
   """([LabeledImage] sorted by stem, [notes]): images without truth and truth without
   an image are named in the notes, not used."""
-  from transforms.inference.segment import encode_mask_png  # pylint: disable=import-outside-toplevel
+  from transforms.pngs import encode_png  # pylint: disable=import-outside-toplevel
   images = {}
   for path in _match(image_patterns):
     images.setdefault(match_key(path), []).append(path)
@@ -70,7 +70,7 @@ def labeled_images(image_patterns, truth_patterns, truth_format: Optional[str],
         notes.append(f"{origin}: {item.error}")
         continue
       truths.setdefault(match_key(item.image_id or item.name, suffix), []).append(
-          (origin, encode_mask_png(item.mask)))
+          (origin, encode_png(item.mask)))
   pairs = []
   for key in sorted(set(images) | set(truths)):
     found_images, found_truth = images.get(key, []), truths.get(key, [])

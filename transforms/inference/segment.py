@@ -29,11 +29,6 @@ logger = logging.getLogger(__name__)
 ERRORS = "errors"
 
 
-def encode_mask_png(mask: np.ndarray) -> bytes:
-  """8-bit single-channel PNG whose pixel values are class indices."""
-  return encode_png(mask)
-
-
 def assemble_segmentation(image: ImageInfo, parts: list[TileResult], model: ModelConfig,
                           inference: InferenceConfig) -> Segmentation:
   """One row from all of an image's tile results (none failed)."""

@@ -33,6 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from transforms.index.filters import FilterError, evaluate, fraction_matrix, parse_where
+from transforms.pngs import decode_png
 from transforms.types import NODATA_CLASS
 
 __all__ = ["JobOutput", "make_server"]
@@ -180,7 +181,7 @@ class JobOutput:
     data = handle.read_row_group(group, columns=["mask_png"]).column(0)[offset].as_py()
     if data is None:
       raise NotFound("this row has no mask (the job ran without masks)")
-    mask = np.asarray(Image.open(io.BytesIO(data)))
+    mask = decode_png(data)
     colours = np.zeros((256, 4), np.uint8)
     for i, colour in enumerate(self.palette[:NODATA_CLASS]):
       colours[i] = (*colour[:3], 255)
