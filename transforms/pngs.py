@@ -58,4 +58,5 @@ def decode_png(data: Optional[bytes]) -> Optional[np.ndarray]:
   if kept is not None and kept[0] is data:   # the very object encode_png returned
     return kept[1]
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  return np.asarray(Image.open(io.BytesIO(data)))
+  with Image.open(io.BytesIO(data)) as image:
+    return np.asarray(image)

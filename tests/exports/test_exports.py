@@ -180,7 +180,7 @@ def test_export_streams_rows_with_bounded_memory(tmp_path):
       "hrnet_beam.model": "synthetic"})
   rng = np.random.default_rng(0)
   masks = [encode_png(np.repeat(np.repeat(rng.integers(0, 7, (16, 16)), 16, 0), 16, 1)
-                           .astype(np.uint8)) for _ in range(8)]
+                      .astype(np.uint8)) for _ in range(8)]
   with pq.ParquetWriter(str(tmp_path / "rows-00000-of-00001.parquet"), schema) as writer:
     for start in range(0, 1000, 200):
       batch = [{"image_id": f"/data/img{i:05d}.png", "source": f"/data/img{i:05d}.png",
